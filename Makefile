@@ -1,0 +1,39 @@
+# vlm_lab: one command to set up and run each job. `make test` is the test command CI runs.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+PYTHON ?= python3
+NB     ?= 01_data
+PARAMS ?=
+
+.PHONY: setup test nbtest pytest run lab export clean
+setup: $(VENV)/.installed
+
+# torch first and pinned: 2.13.0 is a CPU build that installs fast; a bare `torch` could pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: setup nbtest pytest            ## nbdev_test over every notebook, then pytest over tests/
+
+nbtest: setup
+	$(BIN)/nbdev_test --n_workers 1
+
+pytest: setup
+	$(PY) -m pytest -q tests
+
+run: setup                           ## rerun a notebook with papermill: make run NB=01_data PARAMS="-p seed 1"
+	mkdir -p runs
+	$(BIN)/papermill nbs/$(NB).ipynb runs/$(NB).ipynb --cwd nbs $(PARAMS)
+
+lab: setup                           ## open the notebooks in JupyterLab
+	$(BIN)/jupyter lab nbs
+
+export: setup                        ## regenerate vlm_lab/ from nbs/ after editing a notebook
+	$(BIN)/nbdev_export
+
+clean:
+	rm -rf runs results .cache nbs/.cache

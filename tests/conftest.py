@@ -1,0 +1,9 @@
+import os
+import pytest
+
+
+@pytest.fixture
+def lab_root(tmp_path, monkeypatch):
+    "A throw-away project root: results/, figures/ and .cache/ go under tmp_path."
+    monkeypatch.setenv('VLM_LAB_ROOT', str(tmp_path))
+    return tmp_path
