@@ -139,3 +139,15 @@ def test_mean_ci_and_verdicts():
 
 def test_figure_name_is_filesystem_safe():
     assert figure_name('a/b c', {'mode': "dee p/x"}) == 'a_b_c__mode=deepx.png'
+
+
+def test_effect_range_and_equivalence_verdicts():
+    from vlm_lab.core import verdict_effect_range, verdict_equivalent
+    assert verdict_effect_range([4.1, 3.9, 4.0], 3, 5) == 'reproduced'
+    assert verdict_effect_range([1.0, 1.1, 0.9], 3, 5) == 'refuted'
+    assert verdict_effect_range([-1.0, 6.0, 2.0], 3, 5) == 'inconclusive'
+    assert verdict_effect_range([-4.0, -4.1, -3.9], -5, -3) == 'reproduced'
+    assert verdict_effect_range([4.0], 3, 5) == 'inconclusive'
+    assert verdict_equivalent([0.0, 0.01, -0.01], 0.05) == 'reproduced'
+    assert verdict_equivalent([-0.3, -0.31, -0.29], 0.05) == 'refuted'
+    assert verdict_equivalent([0.0, 0.2, -0.1], 0.05) == 'inconclusive'

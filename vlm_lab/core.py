@@ -16,7 +16,7 @@ import torch
 __all__ = ['seed_everything', 'check_int', 'check_float', 'check_choice', 'check_bool', 'check_seeds', 'get_device',
            'set_threads', 'project_root', 'results_dir', 'figures_dir', 'cache_dir', 'atomic_write', 'params_hash',
            'env_info', 'save_result', 'load_results', 'figure_name', 'savefig', 'CI', 'mean_ci', 'verdict_direction',
-           'verdict_range', 'verdict_threshold', 'seeds_needed', 'Timer']
+           'verdict_range', 'verdict_threshold', 'verdict_effect_range', 'verdict_equivalent', 'seeds_needed', 'Timer']
 
 # %% ../nbs/00_core.ipynb #fddf0328
 def seed_everything(seed: int, deterministic: bool = True) -> int:
@@ -252,6 +252,21 @@ def verdict_threshold(values: Iterable[float], threshold: float, above: bool = T
     ci = mean_ci(values, conf)
     lo, hi = (ci.lo - threshold, ci.hi - threshold) if above else (threshold - ci.hi, threshold - ci.lo)
     return 'reproduced' if lo > 0 else 'refuted' if hi < 0 else 'inconclusive'
+
+def verdict_effect_range(effects: Iterable[float], low: float, high: float, conf: float = 0.95) -> str:
+    "Verdict on 'the effect lies in [low, high]' (same sign as the range): its CI must exclude 0 on that side and reach the range."
+    ci = mean_ci(effects, conf)
+    if ci.n < 2: return 'inconclusive'
+    if ci.hi < low or ci.lo > high: return 'refuted'
+    side = ci.lo > 0 if low >= 0 else ci.hi < 0
+    return 'reproduced' if side else 'inconclusive'
+
+def verdict_equivalent(differences: Iterable[float], margin: float, conf: float = 0.95) -> str:
+    "Verdict on 'no change': the CI of the difference lies within ±margin (reproduced), entirely outside it (refuted)."
+    ci = mean_ci(differences, conf)
+    if ci.n < 2: return 'inconclusive'
+    if -margin <= ci.lo and ci.hi <= margin: return 'reproduced'
+    return 'refuted' if ci.lo > margin or ci.hi < -margin else 'inconclusive'
 
 def seeds_needed(effects: Iterable[float], conf: float = 0.95) -> int | None:
     "Rough number of seeds for the CI of the mean effect to exclude zero, at the observed mean and spread."
