@@ -3,8 +3,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 PYTHON ?= python3
-NB     ?= 01_data
-PARAMS ?=
+NB     ?= 05_fusion_depth
+PARAMS ?= -p layers 4
 
 .PHONY: setup test nbtest pytest run lab export clean
 setup: $(VENV)/.installed

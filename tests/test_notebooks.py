@@ -51,3 +51,15 @@ def test_fusion_depth_small_run(tmp_path, layers):
     assert set(verdicts.values()) <= {'reproduced', 'refuted', 'inconclusive', 'mechanism'}
     assert verdicts['FD-9 loading'] == 'refuted'          # a mechanism: the grown model loads and starts identical
     assert any(f'layers={layers}' in f and f.startswith('figures/fd_accuracy_drop_gate_vs_depth') for f in files)
+
+
+def test_fusion_depth_grid(tmp_path):
+    "The FD-8 depth x data-size grid (full profile) runs at toy scale and yields a heatmap and a computed verdict."
+    r = run_nb('05_fusion_depth.ipynb', tmp_path / 'out.ipynb', tmp_path, ('grid', True), ('seeds', 2), ('epochs', 1),
+               ('n_samples', 400))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads(next((tmp_path / 'results' / '05_fusion_depth').glob('*.json')).read_text())
+    grid = rec['metrics']['grid']
+    assert {(g['n'], g['depth']) for g in grid} == {(n, d) for n in (600, 1500, 3000) for d in (1, 2, 4)}
+    assert len(grid) == 9 * 2 and rec['metrics']['verdicts']['FD-8'] in {'reproduced', 'refuted', 'inconclusive'}
+    assert any(f.startswith('figures/fd_depth_by_data_grid') for f in written(tmp_path))

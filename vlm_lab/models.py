@@ -204,12 +204,16 @@ def block_param_count(dim: int, heads: int = 8, dim_head: int = 64, ff_mult: flo
 
 # %% ../nbs/02_models.ipynb #b6986457
 class FusionStack(nn.Module):
-    "`num_layers` gated cross-attention blocks, stored as `layers.0 ... layers.{n-1}`."
+    "`num_layers` gated cross-attention blocks, stored as `layers.0 ... layers.{n-1}`; optional gradient checkpointing."
     def __init__(self, num_layers: int, dim: int, heads: int = 8, dim_head: int = 64, ff_mult: float = 4, dropout: float = 0.0):
         super().__init__()
         self.layers = nn.ModuleList([GatedCrossAttentionBlock(dim, heads, dim_head, ff_mult, dropout) for _ in range(num_layers)])
+        self.gradient_checkpointing = False   # recompute each block in the backward pass (memory for compute); fit() sets it
     def forward(self, x, media, media_mask=None):                                 # x (B, L, d), media (B, Nv, d)
-        for layer in self.layers: x = layer(x, media, media_mask)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, media, media_mask, use_reentrant=False)
+            else: x = layer(x, media, media_mask)
         return x
 
 class VisionGate(nn.Module):
