@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #afb7f3fc
 from __future__ import annotations
-import hashlib, json, math, os, platform, random, re, sys, tempfile, time
+import hashlib, json, math, os, platform, random, re, tempfile, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence

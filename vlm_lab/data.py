@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #3434d04e
 from __future__ import annotations
-import hashlib, json, math, os, re, shutil, tempfile
+import hashlib, json, os, re, shutil, tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from .core import atomic_write, check_float, check_int
+from .core import check_float, check_int
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'COLOR_RGB', 'GRID', 'LOCATIONS', 'QTYPES', 'TYPE_ANSWERS', 'ANSWERS', 'BACKGROUND', 'TEMPLATES',
@@ -199,7 +199,7 @@ def _obj(rng, cell, shape=None, color=None):
 
 def _scene(rng, template: str, slots: dict, answer: str, max_objects: int) -> list[dict]:
     "Objects that make `answer` the only correct answer to the question (template, slots)."
-    objs, must = [], []
+    objs = []
     def distractors(k_max, ok):   # up to k_max random objects in free cells, each satisfying ok(shape, color)
         used = {o['row'] * GRID + o['col'] for o in objs}
         k = int(rng.integers(0, k_max + 1))

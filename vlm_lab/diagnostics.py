@@ -17,6 +17,7 @@ from accelerate.utils import send_to_device
 
 from .core import check_choice, check_int
 from .train import fit, evaluate, logits_of, loss_of, model_device, default_qtype_names
+from .models import masked_mean
 
 # %% auto #0
 __all__ = ['GATE_ACTIVATIONS', 'materialize', 'collect', 'MappedLoader', 'vision_dependency', 'answer_prior', 'TextOnlyHead',
@@ -168,8 +169,8 @@ class TextOnlyHead(nn.Module):
     def forward(self, batch):
         x = batch[self.text_key]                                                         # (B, L, Dt) or (B, Dt)
         if x.ndim == 3:
-            m = batch[self.mask_key][..., None].to(x.dtype) if self.mask_key in batch else torch.ones_like(x[..., :1])
-            x = (x * m).sum(1) / m.sum(1).clamp(min=1)                                   # (B, Dt)
+            m = batch[self.mask_key] if self.mask_key in batch else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            x = masked_mean(x, m)                                                        # (B, Dt)
         logits = self.net(x)
         out = {'logits': logits}
         if 'answer' in batch: out['loss'] = F.cross_entropy(logits, batch['answer'])
@@ -255,7 +256,7 @@ def feature_diversity(features, mask: torch.Tensor | None = None, key: str = 'vi
     if N < 2: raise ValueError(f"feature_diversity needs at least 2 images, got {N}")
     m = torch.ones(N, P, dtype=torch.bool) if mask is None else mask.bool().cpu()
     x = x.detach().cpu().double()
-    pooled = (x * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)          # (N, D)
+    pooled = masked_mean(x, m)                                                         # (N, D)
     per_image = _diversity(x, m)                                                       # (N,)
     return dict(images=_diversity(pooled, torch.ones(N, dtype=torch.bool)).item(),
                 patches=per_image.nanmean().item() if P > 1 else float('nan'), n_images=N, n_patches=P)

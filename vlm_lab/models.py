@@ -4,12 +4,11 @@
 
 # %% ../nbs/02_models.ipynb #c2ff641e
 from __future__ import annotations
-import hashlib, json, math, os, shutil, tempfile, warnings
-from dataclasses import asdict, dataclass, field
+import hashlib, json, math, os, tempfile, warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
