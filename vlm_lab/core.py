@@ -118,8 +118,12 @@ def project_root(start: str | Path | None = None) -> Path:
         if ini.is_file() and re.search(r'^lib_name\s*=\s*vlm_lab\s*$', ini.read_text(errors='ignore'), re.M): return d
     return here
 
-def results_dir() -> Path: "Folder of per-run result JSON."; return project_root() / 'results'
-def figures_dir() -> Path: "Folder of figures and the findings ledger."; return project_root() / 'figures'
+def results_dir() -> Path:
+    "Folder of per-run result JSON."
+    return project_root() / 'results'
+def figures_dir() -> Path:
+    "Folder of figures and the findings ledger."
+    return project_root() / 'figures'
 def cache_dir() -> Path:
     "Folder of cached features and assets built at run time ($VLM_LAB_CACHE overrides it)."
     return Path(os.environ['VLM_LAB_CACHE']).resolve() if os.environ.get('VLM_LAB_CACHE') else project_root() / '.cache'
@@ -127,11 +131,14 @@ def cache_dir() -> Path:
 # %% ../nbs/00_core.ipynb #ce6dbb37
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
     "Write `data` to `path` through a temporary file and a rename, so readers never see a partial file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
-            f.write(data.encode() if isinstance(data, str) else data); f.flush(); os.fsync(f.fileno())
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)
@@ -207,14 +214,18 @@ def savefig(fig, name: str, params: Mapping | None = None, dpi: int = 120, folde
     "Save a matplotlib figure (or seaborn grid) to figures/ atomically, with `params` in the file name; return the path."
     import io
     fig = getattr(fig, 'figure', fig)  # seaborn FacetGrid/Axes -> Figure
-    buf = io.BytesIO(); fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight')
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight')
     return atomic_write(Path(folder or figures_dir()) / figure_name(name, params), buf.getvalue())
 
 # %% ../nbs/00_core.ipynb #297df724
 @dataclass(frozen=True)
 class CI:
     "Mean of `n` samples with a confidence interval [lo, hi]."
-    mean: float; lo: float; hi: float; n: int
+    mean: float
+    lo: float
+    hi: float
+    n: int
     @property
     def half(self) -> float: return (self.hi - self.lo) / 2
     def __str__(self) -> str:
@@ -283,5 +294,8 @@ def seeds_needed(effects: Iterable[float], conf: float = 0.95) -> int | None:
 # %% ../nbs/00_core.ipynb #19a1b9ce
 class Timer:
     "Context manager measuring wall time in seconds (`.s`)."
-    def __enter__(self): self.t0 = time.perf_counter(); self.s = 0.0; return self
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        self.s = 0.0
+        return self
     def __exit__(self, *exc): self.s = time.perf_counter() - self.t0

@@ -44,10 +44,13 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, color: str, cx: float, cy:
 
 def render_scene(objects: Sequence[dict], image_size: int = 64, scale: int = 4) -> Image.Image:
     "Render grid objects (dicts with shape, color, row, col and optional dx, dy, size jitter) to an RGB image."
-    S = image_size * scale; cell = S / GRID
-    img = Image.new('RGB', (S, S), BACKGROUND); d = ImageDraw.Draw(img)
+    S = image_size * scale
+    cell = S / GRID
+    img = Image.new('RGB', (S, S), BACKGROUND)
+    d = ImageDraw.Draw(img)
     for o in objects:
-        cx = (o['col'] + .5 + o.get('dx', 0.)) * cell; cy = (o['row'] + .5 + o.get('dy', 0.)) * cell
+        cx = (o['col'] + .5 + o.get('dx', 0.)) * cell
+        cy = (o['row'] + .5 + o.get('dy', 0.)) * cell
         draw_shape(d, o['shape'], o['color'], cx, cy, o.get('size', .3) * cell)
     return img.resize((image_size, image_size), Image.LANCZOS)
 
@@ -64,7 +67,8 @@ class VQADataset(torch.utils.data.Dataset):
         if answers is None:
             found = {r['answer'] for r in records}
             answers = ANSWERS if found <= set(ANSWERS) else sorted(found)
-        self.answers = list(answers); self.answer_ids = {a: i for i, a in enumerate(self.answers)}
+        self.answers = list(answers)
+        self.answer_ids = {a: i for i, a in enumerate(self.answers)}
         self.qtypes = list(QTYPES)
         for i, r in enumerate(records):
             where = r.get('_where', f"{source}, record {i}")
@@ -100,7 +104,8 @@ class VQADataset(torch.utils.data.Dataset):
         if len(fracs) != 3 or abs(sum(fracs) - 1) > 1e-6 or min(fracs) < 0:
             raise ValueError(f"parameter fracs={tuple(fracs)!r} is invalid: expected three non-negative fractions summing to 1")
         perm = np.random.default_rng(seed).permutation(len(self))
-        a = int(round(fracs[0] * len(self))); b = a + int(round(fracs[1] * len(self)))
+        a = int(round(fracs[0] * len(self)))
+        b = a + int(round(fracs[1] * len(self)))
         return {k: self.subset(sorted(perm[s]), f"{self.name}-{k}")
                 for k, s in (('train', slice(0, a)), ('val', slice(a, b)), ('test', slice(b, None)))}
 
@@ -126,13 +131,15 @@ class VQADataset(torch.utils.data.Dataset):
             (tmp / 'images').mkdir()
             rows = []
             for i, r in enumerate(self.records):
-                rel = f"images/{i:06d}.png"; self.image(i).save(tmp / rel)
+                rel = f"images/{i:06d}.png"
+                self.image(i).save(tmp / rel)
                 rows.append(dict(image_path=rel, question=r['question'], answer=r['answer'], qtype=r['qtype']))
             pd.DataFrame(rows).to_csv(tmp / 'data.csv', index=False)
             if folder.exists(): shutil.rmtree(folder)
             os.replace(tmp, folder)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True); raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return folder / 'data.csv'
 
     @classmethod
@@ -163,14 +170,19 @@ class VQADataset(torch.utils.data.Dataset):
 
 def load_image(path: str | Path, image_size: int, where: str = '', verify_only: bool = False) -> Image.Image | None:
     "Open an image file as RGB (grayscale/RGBA/palette converted) resized to image_size; clear errors naming the file."
-    path = Path(path); pre = f"{where}: " if where else ''
+    path = Path(path)
+    pre = f"{where}: " if where else ''
     if not path.is_file(): raise FileNotFoundError(f"{pre}image file {path} does not exist")
     try:
         with Image.open(path) as im:
-            if verify_only: im.verify(); return None
+            if verify_only:
+                im.verify()
+                return None
             im.load()
             if im.mode in ('RGBA', 'LA') or (im.mode == 'P' and 'transparency' in im.info):
-                im = im.convert('RGBA'); bg = Image.new('RGBA', im.size, (0, 0, 0, 255)); im = Image.alpha_composite(bg, im)
+                im = im.convert('RGBA')
+                bg = Image.new('RGBA', im.size, (0, 0, 0, 255))
+                im = Image.alpha_composite(bg, im)
             return im.convert('RGB').resize((image_size, image_size), Image.BILINEAR)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"{pre}image file {path} is not a readable image ({type(e).__name__}: {e})") from None
@@ -206,7 +218,9 @@ def _scene(rng, template: str, slots: dict, answer: str, max_objects: int) -> li
         for cell in _cells(rng, min(k, GRID * GRID - len(used)), used):
             while True:
                 o = _obj(rng, cell)
-                if ok(o['shape'], o['color']): objs.append(o); break
+                if ok(o['shape'], o['color']):
+                    objs.append(o)
+                    break
     if template.startswith('How many'):
         n = int(answer)
         for cell in _cells(rng, n):
@@ -235,7 +249,8 @@ def answer_question(objects: Sequence[dict], template: str, slots: dict) -> str 
     match = lambda o: all(o[k] == v for k, v in slots.items() if k in ('shape', 'color'))
     at = lambda o: LOCATIONS[o['row'] * GRID + o['col']]
     if template.startswith('How many'):
-        n = sum(match(o) for o in objects); return str(n) if 1 <= n <= 5 else None
+        n = sum(match(o) for o in objects)
+        return str(n) if 1 <= n <= 5 else None
     if template.endswith('{location}?'):
         hits = [o for o in objects if at(o) == slots['location']]
         return (hits[0]['color'] if 'color' in template else hits[0]['shape']) if len(hits) == 1 else None
@@ -246,15 +261,18 @@ def answer_question(objects: Sequence[dict], template: str, slots: dict) -> str 
 class ShapesVQA(VQADataset):
     "Seeded synthetic VQA over rendered shape scenes, with a `bias` knob for a known language prior."
     def __init__(self, n: int = 3000, bias: float = 0.0, seed: int = 0, image_size: int = 64, max_objects: int = 5):
-        n = check_int('n', n, min=1); bias = check_float('bias', bias, min=0, max=1)
-        seed = check_int('seed', seed, min=0); max_objects = check_int('max_objects', max_objects, min=1, max=GRID * GRID)
+        n = check_int('n', n, min=1)
+        bias = check_float('bias', bias, min=0, max=1)
+        seed = check_int('seed', seed, min=0)
+        max_objects = check_int('max_objects', max_objects, min=1, max=GRID * GRID)
         if max_objects < 5: raise ValueError(f"parameter max_objects={max_objects} is invalid: COUNT answers go up to 5, so at least 5")
         self.bias, self.seed, self.max_objects = bias, seed, max_objects
         rng = np.random.default_rng(seed)
         qtypes = [QTYPES[i % len(QTYPES)] for i in range(n)]
         cycles = {}
         for t in QTYPES:   # a shuffled cycle over the type's answers: exact balance at bias=0
-            k = qtypes.count(t); opts = TYPE_ANSWERS[t]
+            k = qtypes.count(t)
+            opts = TYPE_ANSWERS[t]
             cyc = list(rng.permutation(np.tile(np.arange(len(opts)), -(-k // len(opts)))[:k])) if k else []
             cycles[t] = [opts[j] for j in cyc]
         records = []
@@ -273,12 +291,15 @@ class ShapesVQA(VQADataset):
 def question_only_rule(train: VQADataset, test: VQADataset) -> dict:
     "Accuracy on `test` of the majority-answer-per-question rule fit on `train`, with chance and per-type accuracy."
     per_q, per_t = defaultdict(Counter), defaultdict(Counter)
-    for r in train.records: per_q[r['question']][r['answer']] += 1; per_t[r['qtype']][r['answer']] += 1
+    for r in train.records:
+        per_q[r['question']][r['answer']] += 1
+        per_t[r['qtype']][r['answer']] += 1
     hits, by_type = [], defaultdict(list)
     for r in test.records:
         c = per_q.get(r['question']) or per_t.get(r['qtype'])
         ok = bool(c) and c.most_common(1)[0][0] == r['answer']
-        hits.append(ok); by_type[r['qtype']].append(ok)
+        hits.append(ok)
+        by_type[r['qtype']].append(ok)
     chance = float(np.mean([1 / len(TYPE_ANSWERS.get(r['qtype'], test.answers)) for r in test.records]))
     return dict(accuracy=float(np.mean(hits)), chance=chance, **{f"acc_{t}": float(np.mean(v)) for t, v in by_type.items()})
 
@@ -319,8 +340,10 @@ class ShapesVideo(torch.utils.data.Dataset):
                  speed: float = 0.08):
         self.n, self.frames = check_int('n', n, min=1), check_int('frames', frames, min=2)
         self.image_size, self.seed = check_int('image_size', image_size, min=8), check_int('seed', seed, min=0)
-        self.max_objects = check_int('max_objects', max_objects, min=1, max=8); self.speed = check_float('speed', speed, min=0, max=0.5)
-        rng = np.random.default_rng(seed); self.clips = []
+        self.max_objects = check_int('max_objects', max_objects, min=1, max=8)
+        self.speed = check_float('speed', speed, min=0, max=0.5)
+        rng = np.random.default_rng(seed)
+        self.clips = []
         for _ in range(self.n):
             k = int(rng.integers(1, self.max_objects + 1))
             objs = [dict(shape=str(rng.choice(SHAPES)), color=str(rng.choice(COLORS)), size=float(rng.uniform(.07, .11)),
@@ -333,8 +356,12 @@ class ShapesVideo(torch.utils.data.Dataset):
                     o['pos'] = o['pos'] + o['vel']
                     for ax in range(2):   # bounce off the borders
                         r = o['size']
-                        if o['pos'][ax] < r: o['pos'][ax] = 2 * r - o['pos'][ax]; o['vel'][ax] *= -1
-                        if o['pos'][ax] > 1 - r: o['pos'][ax] = 2 * (1 - r) - o['pos'][ax]; o['vel'][ax] *= -1
+                        if o['pos'][ax] < r:
+                            o['pos'][ax] = 2 * r - o['pos'][ax]
+                            o['vel'][ax] *= -1
+                        if o['pos'][ax] > 1 - r:
+                            o['pos'][ax] = 2 * (1 - r) - o['pos'][ax]
+                            o['vel'][ax] *= -1
             d = traj[-1] - traj[0]
             caption = ' and '.join(f"a {o['color']} {o['shape']} moves {_direction(*d[j])}" for j, o in enumerate(objs))
             self.clips.append(dict(objects=[{k2: o[k2] for k2 in ('shape', 'color', 'size')} for o in objs],
@@ -345,7 +372,8 @@ class ShapesVideo(torch.utils.data.Dataset):
     def frame(self, i: int, t: int) -> Image.Image:
         "Frame t of clip i as a PIL image."
         c, S, sc = self.clips[i], self.image_size, 4
-        img = Image.new('RGB', (S * sc, S * sc), BACKGROUND); d = ImageDraw.Draw(img)
+        img = Image.new('RGB', (S * sc, S * sc), BACKGROUND)
+        d = ImageDraw.Draw(img)
         for o, (x, y) in zip(c['objects'], c['positions'][t]): draw_shape(d, o['shape'], o['color'], x * S * sc, y * S * sc, o['size'] * S * sc)
         return img.resize((S, S), Image.LANCZOS)
 
@@ -374,7 +402,9 @@ def caption_score(caption: str, objects: Sequence[dict]) -> dict:
     "Precision/recall/F1 of the (colour, shape) pairs mentioned in `caption` against the scene's objects."
     said = Counter(_MENTION.findall(caption.lower()))
     truth = Counter((o['color'], o['shape']) for o in objects)
-    tp = sum((said & truth).values()); p = tp / max(sum(said.values()), 1); r = tp / max(sum(truth.values()), 1)
+    tp = sum((said & truth).values())
+    p = tp / max(sum(said.values()), 1)
+    r = tp / max(sum(truth.values()), 1)
     return dict(precision=p, recall=r, f1=2 * p * r / (p + r) if p + r else 0.0)
 
 class ShapesCaptions(torch.utils.data.Dataset):
@@ -383,7 +413,8 @@ class ShapesCaptions(torch.utils.data.Dataset):
         self.n, self.seed = check_int('n', n, min=1), check_int('seed', seed, min=0)
         self.image_size = check_int('image_size', image_size, min=8)
         self.max_objects = check_int('max_objects', max_objects, min=1, max=GRID * GRID)
-        rng = np.random.default_rng(seed); self.records = []
+        rng = np.random.default_rng(seed)
+        self.records = []
         for _ in range(self.n):
             k = int(rng.integers(1, self.max_objects + 1))
             objects = [_obj(rng, c) for c in _cells(rng, k)]

@@ -53,7 +53,8 @@ class MappedLoader:
 @torch.no_grad()
 def _run_preds(model, batches, device=None):
     device = device or model_device(model)
-    was = model.training; model.eval()
+    was = model.training
+    model.eval()
     try: return torch.cat([logits_of(model(send_to_device(b, device))).argmax(-1).cpu() for b in batches])
     finally: model.train(was)
 
@@ -83,7 +84,8 @@ def vision_dependency(model: nn.Module, loader, modes: Sequence[str] = ('blank',
                       key: str = 'vision', blank=None, seed: int = 0, qtype_names=None) -> pd.DataFrame:
     "Accuracy with real vs ablated vision input (blank / whole-dataset shuffle / matched noise): drop overall and per type."
     for m in modes: check_choice('modes', m, ['blank', 'shuffle', 'noise'])
-    n_perm = check_int('n_perm', n_perm, min=1); seed = check_int('seed', seed, min=0)
+    n_perm = check_int('n_perm', n_perm, min=1)
+    seed = check_int('seed', seed, min=0)
     batches = materialize(loader)
     for i, b in enumerate(batches):
         for k in (key, 'answer'):
@@ -139,7 +141,8 @@ def answer_prior(answers, qtypes, questions=None, *, eval_answers=None, eval_qty
     if q is not None and eq is None: raise ValueError("questions were given for fitting: give eval_questions too")
     by_type, by_q, answers_of = defaultdict(Counter), defaultdict(Counter), defaultdict(set)
     for i, (ai, ti) in enumerate(zip(a, t)):
-        by_type[ti][ai] += 1; answers_of[ti].add(ai)
+        by_type[ti][ai] += 1
+        answers_of[ti].add(ai)
         if q is not None: by_q[q[i]][ai] += 1
     majority = lambda c: min(c.items(), key=lambda kv: (-kv[1], str(kv[0])))[0]   # ties: the first answer in text order
     hits = defaultdict(list)
@@ -284,7 +287,8 @@ def gradient_report(model: nn.Module, batch: Mapping, groups: Mapping | None = N
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named: raise ValueError(f"{type(model).__name__} has no trainable parameters")
     groups = default_groups(model) if groups is None else {k: _resolve_prefix(model, v) for k, v in groups.items()}
-    was = model.training; model.train(train_mode)
+    was = model.training
+    model.train(train_mode)
     try:
         b = send_to_device(dict(batch), model_device(model))
         loss = loss_of(model(b), b, loss_fn)
@@ -371,7 +375,8 @@ def capture_attention(model: nn.Module, names: Iterable[str] | None = None):
         def hook(mod, inp, out, n=n):
             a = getattr(mod, 'last_attention', None)
             if a is not None: cap[n].append(a.detach().cpu())
-        m.store_attention = True; handles.append(m.register_forward_hook(hook))
+        m.store_attention = True
+        handles.append(m.register_forward_hook(hook))
     try: yield cap
     finally:
         for h in handles: h.remove()

@@ -41,7 +41,8 @@ class _quiet_loading:
     def __enter__(self):
         from transformers.utils import logging as hf_logging
         self.hf, self.was = hf_logging, hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar(); return self
+        hf_logging.disable_progress_bar()
+        return self
     def __exit__(self, *exc):
         if self.was: self.hf.enable_progress_bar()
 
@@ -162,10 +163,12 @@ class CrossAttention(nn.Module):
         self.store_attention, self.last_attention = False, None
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, _ = x.shape; h, dh = self.heads, self.dim_head
+        B, L, _ = x.shape
+        h, dh = self.heads, self.dim_head
         q = self.to_q(self.norm(x)).view(B, L, h, dh).transpose(1, 2)            # (B, h, L, dh)
         k, v = self.to_kv(media).chunk(2, dim=-1)                                 # (B, Nv, h*dh) each
-        k = k.view(B, -1, h, dh).transpose(1, 2); v = v.view(B, -1, h, dh).transpose(1, 2)  # (B, h, Nv, dh)
+        k = k.view(B, -1, h, dh).transpose(1, 2)
+        v = v.view(B, -1, h, dh).transpose(1, 2)  # (B, h, Nv, dh)
         mask = None if media_mask is None else media_mask.bool()[:, None, None, :]  # (B, 1, 1, Nv), True = attend
         if self.store_attention:
             sim = (q @ k.transpose(-1, -2)) * self.scale                          # (B, h, L, Nv)
@@ -242,10 +245,13 @@ class VQAConfig:
 
     def __post_init__(self):
         for k in ('vision_dim', 'text_dim', 'd_model', 'heads', 'dim_head', 'n_answers'): check_int(k, getattr(self, k), min=1)
-        check_int('num_layers', self.num_layers, min=0); check_int('head_hidden', self.head_hidden, min=0)
-        check_float('ff_mult', self.ff_mult, min=1e-6); check_float('gate_init', self.gate_init)
+        check_int('num_layers', self.num_layers, min=0)
+        check_int('head_hidden', self.head_hidden, min=0)
+        check_float('ff_mult', self.ff_mult, min=1e-6)
+        check_float('gate_init', self.gate_init)
         check_float('dropout', self.dropout, min=0, max=1)
-        check_bool('vision_gate', self.vision_gate); check_bool('per_channel_gate', self.per_channel_gate)
+        check_bool('vision_gate', self.vision_gate)
+        check_bool('per_channel_gate', self.per_channel_gate)
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "Mean of x (B, L, d) over the positions where mask (B, L) is True -> (B, d)."
@@ -282,7 +288,9 @@ class VQAModel(nn.Module):
                 raise ValueError(f"text backbone width {text.config.hidden_size} != VQAConfig.text_dim={c.text_dim}")
             self.text_backbone = text
         for b in (vision, text):
-            if b is not None and freeze: b.requires_grad_(False); b.eval()
+            if b is not None and freeze:
+                b.requires_grad_(False)
+                b.eval()
         return self
 
     def train(self, mode: bool = True):
@@ -416,7 +424,8 @@ def backbone_id(model: nn.Module) -> str:
     if isinstance(model, VisionEncoder):
         h.update(f"{model.mean.flatten().tolist()}|{model.std.flatten().tolist()}|{model.image_size}".encode())
     for name, t in model.state_dict().items():
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode()); h.update(_sample_bytes(t))
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(_sample_bytes(t))
     return h.hexdigest()[:20]
 
 FEATURE_CACHE_LOG: list[dict] = []   # (kind, path, status: 'hit' | 'built' | 'rebuilt: <reason>') of every lookup
@@ -447,7 +456,8 @@ def _cached(kind: str, name: str, meta: dict, check, compute, cache: bool = True
     if cache:
         tensors, reason = _cache_lookup(path, meta, check)
         if tensors is not None:
-            FEATURE_CACHE_LOG.append(dict(kind=kind, path=str(path), status='hit')); return tensors
+            FEATURE_CACHE_LOG.append(dict(kind=kind, path=str(path), status='hit'))
+            return tensors
         if reason: warnings.warn(f"feature cache entry {path} is stale or corrupt ({reason}); rebuilding it")
     tensors = {k: v.contiguous() for k, v in compute().items()}
     if cache:
@@ -474,7 +484,8 @@ def vision_features(model: nn.Module, dataset, batch_size: int = 64, cache: bool
     "Frozen vision tokens of every image of `dataset` (items with 'image' in [0, 1]): (N, 1+P, Dv), cached on disk."
     batch_size = check_int('batch_size', batch_size, min=1)
     N, D = len(dataset), (getattr(model, 'hidden_size', None) or model.config.hidden_size)
-    bid = backbone_id(model); fp = _fingerprint(dataset) if cache else 'nocache'
+    bid = backbone_id(model)
+    fp = _fingerprint(dataset) if cache else 'nocache'
     def compute():
         from tqdm.auto import tqdm
         was, dev, chunks = model.training, _model_device(model), []
@@ -503,9 +514,11 @@ def text_features(model: nn.Module, tokenizer, questions: Sequence[str], max_len
     max_length, batch_size = check_int('max_length', max_length, min=2), check_int('batch_size', batch_size, min=1)
     questions = list(questions)
     if not all(isinstance(q, str) for q in questions): raise TypeError("text_features: questions must be strings")
-    uniq = list(dict.fromkeys(questions)); pos = {q: i for i, q in enumerate(uniq)}
+    uniq = list(dict.fromkeys(questions))
+    pos = {q: i for i, q in enumerate(uniq)}
     index = torch.tensor([pos[q] for q in questions], dtype=torch.long)                # (N,)
-    D = model.config.hidden_size; bid = backbone_id(model)
+    D = model.config.hidden_size
+    bid = backbone_id(model)
     key = hashlib.sha1(json.dumps([max_length, getattr(tokenizer, 'name_or_path', ''), type(tokenizer).__name__,
                                    len(tokenizer), uniq]).encode()).hexdigest()[:20]
     def compute():
@@ -601,12 +614,14 @@ def scene_targets(records: Sequence[dict]) -> dict[str, torch.Tensor]:
     "Per-scene targets from ShapesVQA records: color (N, 9) in 0..4 (0 = empty), shape (N, 9) in 0..3 (-100 = empty), count (N,) in 0..4."
     from vlm_lab.data import COLORS, GRID, SHAPES
     N = len(records)
-    color = torch.zeros(N, GRID * GRID, dtype=torch.long); shape = torch.full((N, GRID * GRID), -100, dtype=torch.long)
+    color = torch.zeros(N, GRID * GRID, dtype=torch.long)
+    shape = torch.full((N, GRID * GRID), -100, dtype=torch.long)
     count = torch.zeros(N, dtype=torch.long)
     for i, r in enumerate(records):
         for o in r['objects']:
             c = o['row'] * GRID + o['col']
-            color[i, c] = COLORS.index(o['color']) + 1; shape[i, c] = SHAPES.index(o['shape'])
+            color[i, c] = COLORS.index(o['color']) + 1
+            shape[i, c] = SHAPES.index(o['shape'])
         count[i] = len(r['objects']) - 1
     return dict(color=color, shape=shape, count=count)
 
@@ -621,7 +636,8 @@ class ShapesViTHead(nn.Module):
         self.where = nn.Linear(dim, grid * grid)
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:           # tokens (B, 1+P, D)
-        B, T, D = tokens.shape; g = int(round(math.sqrt(T - 1)))
+        B, T, D = tokens.shape
+        g = int(round(math.sqrt(T - 1)))
         if g * g != T - 1: raise ValueError(f"ShapesViTHead needs a square patch grid after the CLS token; got {T - 1} patches")
         p = tokens[:, 1:].transpose(1, 2).reshape(B, D, g, g)                     # (B, D, g, g)
         cells = F.adaptive_avg_pool2d(p, self.grid).flatten(2).transpose(1, 2)    # (B, 9, D)
@@ -666,22 +682,29 @@ def pretrain_shapes_vit(n_scenes: int = 4000, epochs: int = 4, batch_size: int =
     enc = VisionEncoder(Dinov2Model(cfg), mean.tolist(), std.tolist(), image_size)
     head = ShapesViTHead(width)
     params = [p for m in (enc, head) for p in m.parameters()]
-    decay = [p for p in params if p.ndim >= 2]; no_decay = [p for p in params if p.ndim < 2]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)], lr=lr)
     steps_per_epoch = n_scenes // batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed); losses = []
-    enc.train(); head.train()
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    enc.train()
+    head.train()
     with Timer() as t_train:
         for ep in range(epochs):
             perm, run = torch.randperm(n_scenes, generator=g), 0.0
             for s in tqdm(range(steps_per_epoch), desc=f"epoch {ep + 1}/{epochs}", disable=not progress, leave=False):
                 idx = perm[s * batch_size:(s + 1) * batch_size]
                 loss = _scene_loss(head(enc(X[idx])), {k: v[idx] for k, v in Y.items()})
-                opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
                 run += loss.item()
             losses.append(run / steps_per_epoch)
-    enc.eval(); head.eval()
+    enc.eval()
+    head.eval()
     log = dict(objective='per-cell colour (none+4) and shape (4, occupied cells) from 3x3-pooled patch tokens + count (1-5) '
                          'from CLS + each patch token its own cell (9)',
                params=dict(n_scenes=n_scenes, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
@@ -696,7 +719,8 @@ def evaluate_shapes_vit(encoder: VisionEncoder, head: ShapesViTHead, n_scenes: i
     from vlm_lab.data import ShapesVQA
     recs = ShapesVQA(n=check_int('n_scenes', n_scenes, min=1), seed=seed, image_size=encoder.image_size or 64).records
     X, Y = _render(recs, encoder.image_size or 64), scene_targets(recs)
-    encoder.eval(); head.eval()
+    encoder.eval()
+    head.eval()
     with torch.no_grad():
         outs = [head(encoder(X[s:s + batch_size])) for s in range(0, len(X), batch_size)]
     out = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
@@ -715,7 +739,8 @@ def save_shapes_vit(encoder: VisionEncoder, head: ShapesViTHead, folder: str | P
     "Save a shapes-ViT as a Hugging Face folder: config.json + model.safetensors (fp16), preprocessor_config.json, head, log."
     import copy
     from safetensors.torch import save
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         with _quiet_loading(): copy.deepcopy(encoder.backbone).to(dtype).save_pretrained(tmp)
         for f in ('config.json', 'model.safetensors'): atomic_write(folder / f, Path(tmp, f).read_bytes())
@@ -735,5 +760,6 @@ def load_shapes_vit_head(folder: str | Path = None) -> ShapesViTHead:
     from safetensors.torch import load_file
     folder = Path(folder) if folder is not None else vision_path(VISION_ASSET)
     sd = {k: v.float() for k, v in load_file(str(folder / 'pretrain_head.safetensors')).items()}
-    head = ShapesViTHead(sd['norm.weight'].shape[0]); head.load_state_dict(sd)
+    head = ShapesViTHead(sd['norm.weight'].shape[0])
+    head.load_state_dict(sd)
     return head.eval()

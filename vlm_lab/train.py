@@ -67,7 +67,8 @@ def make_accelerator(mixed_precision: str = 'no', grad_accum: int = 1, device: t
     from accelerate.utils import DistributedType
     device = get_device(device) if not isinstance(device, torch.device) else device
     if PartialState._shared_state and PartialState().distributed_type == DistributedType.NO:
-        AcceleratorState._reset_state(reset_partial_state=True); GradientState._reset_state()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
                        cpu=device.type == 'cpu', step_scheduler_with_optimizer=True)
 
@@ -77,9 +78,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
     for name, m in model.named_modules():
         if any(name.startswith(d + '.') or d == '' for d in done): continue  # a parent already did it
         if callable(getattr(m, 'gradient_checkpointing_enable', None)) and getattr(m, 'supports_gradient_checkpointing', True):
-            m.gradient_checkpointing_enable(); done.append(name)
+            m.gradient_checkpointing_enable()
+            done.append(name)
         elif isinstance(getattr(m, 'gradient_checkpointing', None), bool):
-            m.gradient_checkpointing = True; done.append(name)
+            m.gradient_checkpointing = True
+            done.append(name)
     return done
 
 # %% ../nbs/03_train.ipynb #c1d08e33
@@ -120,7 +123,8 @@ def default_qtype_names() -> list[str] | None:
 def predict(model: nn.Module, loader, device=None, gather: Callable | None = None) -> dict[str, torch.Tensor]:
     "Logits (N, A), predictions (N,) and, where batches have them, 'answer' and 'qtype' of a whole loader (on CPU)."
     device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training; model.eval()
+    was_training = model.training
+    model.eval()
     cols: dict[str, list] = {'logits': [], 'answer': [], 'qtype': []}
     try:
         for batch in loader:
@@ -196,7 +200,8 @@ def load_checkpoint(path, model: nn.Module | None = None, optimizer=None, schedu
     if optimizer is not None:
         state: dict[int, dict] = {}
         for k, v in groups['optim'].items():
-            idx, _, name = k.partition('.'); state.setdefault(int(idx), {})[name] = v
+            idx, _, name = k.partition('.')
+            state.setdefault(int(idx), {})[name] = v
         for idx, sc in info.get('optim_scalars', {}).items(): state.setdefault(int(idx), {}).update(sc)
         optimizer.load_state_dict({'state': state, 'param_groups': info['optim_param_groups']})
     if scheduler is not None and 'scheduler' in info: scheduler.load_state_dict(info['scheduler'])
@@ -232,7 +237,9 @@ def _reseed_loader(loader, s: int):
     for obj in (loader, getattr(loader, 'sampler', None), getattr(loader, 'batch_sampler', None),
                 getattr(getattr(loader, 'batch_sampler', None), 'sampler', None), getattr(loader, 'base_dataloader', None)):
         g = getattr(obj, 'generator', None)
-        if isinstance(g, torch.Generator) and id(g) not in seen: g.manual_seed(s); seen.add(id(g))
+        if isinstance(g, torch.Generator) and id(g) not in seen:
+            g.manual_seed(s)
+            seen.add(id(g))
 
 def _metric_spec(metric, mode):
     if metric is None or metric == 'accuracy': name, fn, default = 'accuracy', None, 'max'
@@ -309,8 +316,10 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int = 10, lr
     bar = tqdm(range(start_epoch, epochs), desc='fit', disable=not progress, initial=start_epoch, total=epochs)
     for epoch in bar:
         if stopped: break
-        s = _epoch_seed(seed, epoch); seed_everything(s, deterministic=False)
-        _reseed_loader(train_loader, s); _reseed_loader(train_dl, s)
+        s = _epoch_seed(seed, epoch)
+        seed_everything(s, deterministic=False)
+        _reseed_loader(train_loader, s)
+        _reseed_loader(train_dl, s)
         model.train()
         t0, n_seen, loss_sum, gnorms = time.perf_counter(), 0, 0.0, []
         win_loss, win_n = 0.0, 0
@@ -331,10 +340,16 @@ def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int = 10, lr
                     if not math.isfinite(gn) and precision != 'fp16':
                         raise FloatingPointError(f"non-finite gradient norm ({gn}) at step {step + 1} (epoch {epoch}, batch {i})")
                 cur_lr = scheduler.get_last_lr()[0]
-                optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
-            n_seen += bs; loss_sum += lv * bs; win_loss += lv * bs; win_n += bs
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            n_seen += bs
+            loss_sum += lv * bs
+            win_loss += lv * bs
+            win_n += bs
             if accelerator.sync_gradients:
-                step += 1; gnorms.append(gn)
+                step += 1
+                gnorms.append(gn)
                 step_rows.append(dict(step=step, epoch=epoch, loss=win_loss / win_n, grad_norm=gn, lr=cur_lr))
                 win_loss, win_n = 0.0, 0
         dt = time.perf_counter() - t0
