@@ -1,5 +1,4 @@
-import json, math, os
-from pathlib import Path
+import json, math
 
 import matplotlib
 matplotlib.use('Agg')

@@ -1,13 +1,13 @@
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from vlm_lab.data import (ANSWERS, QTYPES, TYPE_ANSWERS, ShapesCaptions, ShapesVQA, ShapesVideo, VQACollator,
-                          VQADataset, answer_question, caption_score, question_only_rule, prior_answer)
+from vlm_lab.data import (ANSWERS, QTYPES, ShapesCaptions, ShapesVQA, ShapesVideo, VQACollator,
+                          VQADataset, answer_prior, answer_question, caption_score, prior_answer)
+from vlm_lab.backbones import load_tokenizer
 
 HEADER = 'image_path,question,answer,qtype\n'
 
@@ -43,14 +43,33 @@ def test_answers_are_correct_and_balanced():
         assert max(c.values()) - min(c.values()) <= 1
 
 
+def _prior(sp):
+    "answer_prior of a split dict: fit on train, evaluated on test, per question text."
+    col = lambda split, key: [r[key] for r in sp[split].records]
+    return answer_prior(col('train', 'answer'), col('train', 'qtype'), col('train', 'question'),
+                        eval_answers=col('test', 'answer'), eval_qtypes=col('test', 'qtype'),
+                        eval_questions=col('test', 'question')).set_index('qtype')
+
+
 def test_bias_knob():
     full = ShapesVQA(n=400, bias=1.0, seed=0)
     assert all(r['answer'] == prior_answer(r['question'], r['qtype']) for r in full.records)
-    sp = full.splits()
-    assert question_only_rule(sp['train'], sp['test'])['accuracy'] == 1.0
-    none = ShapesVQA(n=2000, bias=0.0, seed=0).splits()
-    r = question_only_rule(none['train'], none['test'])
-    assert r['accuracy'] < 0.5   # far below the bias=1 rule; near chance (about 0.2)
+    assert _prior(full.splits()).loc['all', 'prior_acc'] == 1.0
+    none = ShapesVQA(n=2000, bias=0.0, seed=0)
+    assert _prior(none.splits()).loc['all', 'prior_acc'] < 0.5   # far below the bias=1 rule; near chance (about 0.2)
+    by_type = answer_prior([r['answer'] for r in none.records], [r['qtype'] for r in none.records]).set_index('qtype')
+    assert by_type.drop(index='all').bias.abs().max() < 0.05      # balanced per type at bias 0
+
+
+def test_answer_prior_held_out_and_errors():
+    # question text fixes the answer; a held-out set with an unseen question falls back to the type's majority
+    ap = answer_prior(['x', 'y', 'x', 'x'], ['C'] * 4, questions=['q1', 'q2', 'q1', 'q1'], eval_answers=['x', 'y', 'x'],
+                      eval_qtypes=['C'] * 3, eval_questions=['q1', 'q2', 'q3']).set_index('qtype')
+    assert ap.loc['C', 'prior_acc'] == 1.0 and ap.loc['C', 'chance'] == 0.5
+    with pytest.raises(ValueError, match='eval_questions'):
+        answer_prior([1], [0], questions=['q'], eval_answers=[1], eval_qtypes=[0])
+    with pytest.raises(ValueError, match='eval_answers'):
+        answer_prior([1], [0], eval_answers=[1, 2], eval_qtypes=[0])
 
 
 @pytest.mark.parametrize('kw,msg', [(dict(n=0), 'n=0'), (dict(bias=-0.1), 'bias=-0.1'), (dict(bias='high'), 'bias'),
@@ -132,17 +151,18 @@ def test_csv_empty_cell(folder):
 def test_csv_converts_modes_to_rgb(folder, mode):
     arr = (np.random.default_rng(0).random((40, 30)) * 255).astype(np.uint8)
     im = Image.fromarray(arr).convert(mode) if mode != 'I;16' else Image.fromarray(arr.astype(np.uint16) * 200)
-    im.save(folder / 'ok' / 'images' / f'm.png')
+    im.save(folder / 'ok' / 'images' / 'm.png')
     p = write(folder, 'a.csv', HEADER + 'images/m.png,How many objects are there?,1,COUNT\n')
     x = VQADataset.from_csv(p, folder / 'ok', image_size=32)[0]['image']
     assert x.shape == (3, 32, 32)
 
 
 def test_collator(small):
-    b = VQACollator(max_length=16)([small[i] for i in range(5)])
+    b = VQACollator(load_tokenizer(), max_length=16)([small[i] for i in range(5)])
     assert b['image'].shape == (5, 3, 64, 64) and b['input_ids'].shape[0] == 5
     assert b['input_ids'].shape == b['attention_mask'].shape and b['input_ids'].shape[1] <= 16
     assert b['answer'].tolist() == [small[i]['answer_id'] for i in range(5)]
+    with pytest.raises(TypeError, match='tokenizer'): VQACollator(None)
 
 
 def test_video():

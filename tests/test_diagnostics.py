@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlm_lab.diagnostics import (MappedLoader, answer_prior, attention_stats, blank_input, capture_attention, collect,
+from vlm_lab.diagnostics import (MappedLoader, attention_stats, blank_input, capture_attention, collect,
                                  disabled, feature_diversity, focus_ratio, gate_stats, gradient_ratio, gradient_report,
                                  layer_index, text_only_baseline, trainable_report, vision_dependency)
 
@@ -89,33 +89,6 @@ def test_vision_dependency_errors():
 
 
 # ---------------------------------------------------------------- prior and text-only baseline
-def test_answer_prior_known_cases():
-    ap = answer_prior([0, 1, 2] * 4 + [5] * 4, [0] * 12 + [1] * 4, n_choices={1: 5}, qtype_names=['A', 'B']).set_index('qtype')
-    assert ap.loc['A', 'prior_acc'] == pytest.approx(1 / 3) and ap.loc['A', 'bias'] == pytest.approx(0)
-    assert ap.loc['B', 'prior_acc'] == 1.0 and ap.loc['B', 'bias'] == pytest.approx(0.8)
-    assert ap.loc['all', 'bias'] == pytest.approx(4 * 0.8 / 16)
-    # question text fixes the answer; a held-out set with an unseen question falls back to the type's majority
-    ap = answer_prior(['x', 'y', 'x', 'x'], ['C'] * 4, questions=['q1', 'q2', 'q1', 'q1'],
-                      eval_answers=['x', 'y', 'x'], eval_qtypes=['C'] * 3, eval_questions=['q1', 'q2', 'q3']).set_index('qtype')
-    assert ap.loc['C', 'prior_acc'] == 1.0 and ap.loc['C', 'chance'] == 0.5
-    with pytest.raises(ValueError, match='eval_questions'):
-        answer_prior([1], [0], questions=['q'], eval_answers=[1], eval_qtypes=[0])
-
-
-def test_answer_prior_on_shapesvqa_bias():
-    data = pytest.importorskip('vlm_lab.data')
-    res = {}
-    for bias in (0.0, 1.0):
-        sp = data.ShapesVQA(400, bias=bias, seed=0).splits()
-        tr, te = sp['train'].records, sp['test'].records
-        res[bias] = answer_prior([r['answer'] for r in tr], [r['qtype'] for r in tr], [r['question'] for r in tr],
-                                 eval_answers=[r['answer'] for r in te], eval_qtypes=[r['qtype'] for r in te],
-                                 eval_questions=[r['question'] for r in te]).set_index('qtype')
-        by_type = answer_prior([r['answer'] for r in tr], [r['qtype'] for r in tr]).set_index('qtype')
-        if bias == 0: assert by_type.drop(index='all').bias.abs().max() < 0.05   # balanced per type at bias 0
-    assert res[1.0].loc['all', 'bias'] > res[0.0].loc['all', 'bias'] + 0.3
-
-
 def test_text_only_baseline():
     txt = text_only_baseline(dl(toy_set(source='text'), True), dl(toy_set(60, source='text', seed=1)), epochs=8, lr=1e-2)
     img = text_only_baseline(dl(toy_set(source='vision'), True), dl(toy_set(60, source='vision', seed=1)), epochs=8, lr=1e-2)

@@ -14,9 +14,10 @@ import torch
 
 # %% auto #0
 __all__ = ['seed_everything', 'check_int', 'check_float', 'check_choice', 'check_bool', 'check_seeds', 'get_device',
-           'set_threads', 'project_root', 'results_dir', 'figures_dir', 'cache_dir', 'atomic_write', 'params_hash',
-           'env_info', 'save_result', 'load_results', 'figure_name', 'savefig', 'CI', 'mean_ci', 'verdict_direction',
-           'verdict_range', 'verdict_threshold', 'verdict_effect_range', 'verdict_equivalent', 'seeds_needed', 'Timer']
+           'set_threads', 'model_device', 'project_root', 'results_dir', 'figures_dir', 'cache_dir', 'atomic_write',
+           'params_hash', 'env_info', 'save_result', 'load_results', 'figure_name', 'savefig', 'CI', 'mean_ci',
+           'verdict_direction', 'verdict_range', 'verdict_threshold', 'verdict_effect_range', 'verdict_equivalent',
+           'seeds_needed', 'masked_mean', 'Timer']
 
 # %% ../nbs/00_core.ipynb #fddf0328
 def seed_everything(seed: int, deterministic: bool = True) -> int:
@@ -43,7 +44,7 @@ def _range_text(kind, min, max):
     return kind
 
 def check_int(name: str, value: Any, *, min: int | None = None, max: int | None = None) -> int:
-    "`value` as an int in [`min`, `max`]; a ValueError naming `name` otherwise (bools and non-integral floats are refused)."
+    "`value` as an int in [`min`, `max`]; a ValueError naming `name` otherwise (bools, non-integral floats refused)."
     expected = _range_text('an integer', min, max)
     if isinstance(value, (bool, np.bool_)): raise _bad(name, value, expected)
     if isinstance(value, (float, np.floating)) and float(value).is_integer(): value = int(value)
@@ -93,9 +94,11 @@ def get_device(device: str | None = None) -> torch.device:
     name = device or os.environ.get('VLM_LAB_DEVICE') or 'auto'
     if name == 'auto':
         if torch.cuda.is_available(): return torch.device('cuda')
-        if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available(): return torch.device('mps')
+        mps = getattr(torch.backends, 'mps', None)
+        if mps is not None and mps.is_available(): return torch.device('mps')
         return torch.device('cpu')
-    if not re.fullmatch(r'(cpu|mps|cuda(:\d+)?)', name): raise _bad('device', name, "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
+    if not re.fullmatch(r'(cpu|mps|cuda(:\d+)?)', name):
+        raise _bad('device', name, "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
     if name.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError(f"parameter device={name!r} is invalid: CUDA is not available on this machine")
     return torch.device(name)
@@ -108,9 +111,14 @@ def set_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     return n
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    "The device of the model's first parameter or buffer (CPU for a module without any)."
+    for t in (*model.parameters(), *model.buffers()): return t.device
+    return torch.device('cpu')
+
 # %% ../nbs/00_core.ipynb #e42bde1a
 def project_root(start: str | Path | None = None) -> Path:
-    "The vlm_lab project root: $VLM_LAB_ROOT, else the nearest parent of `start` (default cwd) with vlm_lab's settings.ini, else cwd."
+    "The project root: $VLM_LAB_ROOT, else the nearest parent of `start` (default cwd) with vlm_lab's settings.ini."
     if os.environ.get('VLM_LAB_ROOT'): return Path(os.environ['VLM_LAB_ROOT']).resolve()
     here = Path(start or Path.cwd()).resolve()
     for d in (here, *here.parents):
@@ -177,10 +185,12 @@ def save_result(notebook: str, params: Mapping, metrics: Mapping, claims: Sequen
                 device: str | torch.device | None = None) -> Path:
     "Write one run's result atomically to results/<notebook>/<params-hash>.json and return the path."
     if not re.fullmatch(r'[\w.-]+', str(notebook)): raise _bad('notebook', notebook, 'a name of letters, digits, _ . -')
-    if not isinstance(metrics, Mapping) or not metrics: raise ValueError(f"save_result({notebook!r}): metrics must be a non-empty dict")
+    if not isinstance(metrics, Mapping) or not metrics:
+        raise ValueError(f"save_result({notebook!r}): metrics must be a non-empty dict")
     params = _jsonable(dict(params))
     record = dict(notebook=notebook, params=params, params_hash=params_hash(params), metrics=_jsonable(dict(metrics)),
-                  claims=list(claims), seed=_jsonable(seed if seed is not None else params.get('seeds', params.get('seed'))),
+                  claims=list(claims),
+                  seed=_jsonable(seed if seed is not None else params.get('seeds', params.get('seed'))),
                   device=str(device if device is not None else get_device()), wall_time_s=_jsonable(wall_time),
                   timestamp=time.strftime('%Y-%m-%dT%H:%M:%S%z'), versions=env_info())
     text = json.dumps(record, indent=1, sort_keys=False, allow_nan=False)
@@ -194,7 +204,8 @@ def load_results(notebook: str | None = None) -> 'pd.DataFrame':
     rows = []
     for f in files:
         try: rows.append(json.loads(f.read_text()))
-        except json.JSONDecodeError as e: raise ValueError(f"result file {f} is not valid JSON ({e}); delete it and rerun its notebook") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"result file {f} is not valid JSON ({e}); delete it and rerun its notebook") from None
     if not rows: return pd.DataFrame(columns=['notebook', 'params_hash'])
     return pd.json_normalize(rows, max_level=1)
 
@@ -211,7 +222,7 @@ def figure_name(name: str, params: Mapping | None = None, ext: str = 'png') -> s
     return f"{stem}.{ext}"
 
 def savefig(fig, name: str, params: Mapping | None = None, dpi: int = 120, folder: str | Path | None = None) -> Path:
-    "Save a matplotlib figure (or seaborn grid) to figures/ atomically, with `params` in the file name; return the path."
+    "Save a matplotlib figure (or seaborn grid) atomically, with `params` in the file name; return the path."
     import io
     fig = getattr(fig, 'figure', fig)  # seaborn FacetGrid/Axes -> Figure
     buf = io.BytesIO()
@@ -265,7 +276,7 @@ def verdict_threshold(values: Iterable[float], threshold: float, above: bool = T
     return 'reproduced' if lo > 0 else 'refuted' if hi < 0 else 'inconclusive'
 
 def verdict_effect_range(effects: Iterable[float], low: float, high: float, conf: float = 0.95) -> str:
-    "Verdict on 'the effect lies in [low, high]' (same sign as the range): its CI must exclude 0 on that side and reach the range."
+    "Verdict on 'the effect lies in [low, high]' (sign of the range): CI clear of 0 on that side and reaching it."
     ci = mean_ci(effects, conf)
     if ci.n < 2: return 'inconclusive'
     if ci.hi < low or ci.lo > high: return 'refuted'
@@ -290,6 +301,12 @@ def seeds_needed(effects: Iterable[float], conf: float = 0.95) -> int | None:
         if stats.t.ppf(0.5 + conf / 2, n - 1) * x.std(ddof=1) / math.sqrt(n) < abs(x.mean()): return n
         n += 1
     return None
+
+# %% ../nbs/00_core.ipynb #f6da3df2
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    "Mean of x (B, L, d) over the positions where mask (B, L) is True -> (B, d)."
+    m = mask.to(x.dtype).unsqueeze(-1)                                           # (B, L, 1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 # %% ../nbs/00_core.ipynb #19a1b9ce
 class Timer:

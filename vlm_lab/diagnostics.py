@@ -5,25 +5,23 @@
 # %% ../nbs/04_diagnostics.ipynb #74dcdc77
 from __future__ import annotations
 import contextlib, copy, math
-from collections import Counter, defaultdict
 from typing import Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.utils import send_to_device
 
-from .core import check_choice, check_int
-from .train import fit, evaluate, logits_of, loss_of, model_device, default_qtype_names
-from .models import masked_mean
+from .core import check_choice, check_int, masked_mean, model_device
+from .data import qtype_name
+from .train import fit, evaluate, logits_of, loss_of
 
 # %% auto #0
-__all__ = ['GATE_ACTIVATIONS', 'materialize', 'collect', 'MappedLoader', 'vision_dependency', 'answer_prior', 'TextOnlyHead',
-           'blank_input', 'text_only_baseline', 'layer_index', 'gate_stats', 'feature_diversity', 'default_groups',
-           'gradient_report', 'disabled', 'gradient_ratio', 'attention_stats', 'focus_ratio', 'AttentionCapture',
-           'capture_attention', 'trainable_report']
+__all__ = ['GATE_ACTIVATIONS', 'materialize', 'collect', 'MappedLoader', 'vision_dependency', 'TextOnlyHead', 'blank_input',
+           'text_only_baseline', 'layer_index', 'gate_stats', 'feature_diversity', 'default_groups', 'gradient_report',
+           'disabled', 'gradient_ratio', 'attention_stats', 'focus_ratio', 'AttentionCapture', 'capture_attention',
+           'trainable_report']
 
 # %% ../nbs/04_diagnostics.ipynb #dc27c352
 def materialize(loader) -> list[dict]:
@@ -58,13 +56,11 @@ def _run_preds(model, batches, device=None):
     try: return torch.cat([logits_of(model(send_to_device(b, device))).argmax(-1).cpu() for b in batches])
     finally: model.train(was)
 
-def _qname(q, names):
-    names = names if names is not None else default_qtype_names()
-    return names[q] if names is not None and isinstance(q, int) and 0 <= q < len(names) else q
+
 
 # %% ../nbs/04_diagnostics.ipynb #4282f96c
 def _ablation_stats(x: torch.Tensor):
-    "Per-feature mean/std of a batch-first tensor: over all dims but the last for (N, T, D), per channel for (N, C, H, W)."
+    "Per-feature mean/std of a batch-first tensor: over all dims but the last (N, T, D), per channel (N, C, H, W)."
     x = x.float()
     if x.ndim == 4: dims, shape = (0, 2, 3), (1, -1, 1, 1)
     elif x.ndim >= 2: dims, shape = tuple(range(x.ndim - 1)), (1,) * (x.ndim - 1) + (-1,)
@@ -82,7 +78,7 @@ def _blank_like(blank, x: torch.Tensor, key: str) -> torch.Tensor:
 
 def vision_dependency(model: nn.Module, loader, modes: Sequence[str] = ('blank', 'shuffle', 'noise'), n_perm: int = 3,
                       key: str = 'vision', blank=None, seed: int = 0, qtype_names=None) -> pd.DataFrame:
-    "Accuracy with real vs ablated vision input (blank / whole-dataset shuffle / matched noise): drop overall and per type."
+    "Accuracy with real vs ablated vision (blank / dataset shuffle / matched noise): the drop, overall and per type."
     for m in modes: check_choice('modes', m, ['blank', 'shuffle', 'noise'])
     n_perm = check_int('n_perm', n_perm, min=1)
     seed = check_int('seed', seed, min=0)
@@ -96,7 +92,7 @@ def vision_dependency(model: nn.Module, loader, modes: Sequence[str] = ('blank',
     qtype = torch.cat([b['qtype'] for b in batches]) if all('qtype' in b for b in batches) else None
     groups = {'all': torch.ones_like(answer, dtype=torch.bool)}
     if qtype is not None:
-        for q in sorted(qtype.unique().tolist()): groups[_qname(q, qtype_names)] = qtype == q
+        for q in sorted(qtype.unique().tolist()): groups[qtype_name(q, qtype_names)] = qtype == q
     correct = (_run_preds(model, batches) == answer).float()
     if 'noise' in modes and not X.is_floating_point():
         raise ValueError(f"mode 'noise' needs a floating-point {key!r} input, got {X.dtype}")
@@ -121,58 +117,19 @@ def vision_dependency(model: nn.Module, loader, modes: Sequence[str] = ('blank',
     return pd.DataFrame(rows)
 
 # %% ../nbs/04_diagnostics.ipynb #64f9ebb9
-def _as_list(x) -> list:
-    if x is None: return None
-    if torch.is_tensor(x): return x.detach().cpu().tolist()
-    if isinstance(x, np.ndarray): return x.tolist()
-    return list(x)
-
-def answer_prior(answers, qtypes, questions=None, *, eval_answers=None, eval_qtypes=None, eval_questions=None,
-                 n_choices: Mapping | None = None, qtype_names=None) -> pd.DataFrame:
-    "Accuracy of the majority-answer rule (per question type, or per question text) vs uniform chance, per type: the dataset bias."
-    a, t, q = _as_list(answers), _as_list(qtypes), _as_list(questions)
-    if len(a) != len(t) or (q is not None and len(q) != len(a)):
-        raise ValueError(f"answers ({len(a)}), qtypes ({len(t)}) and questions ({None if q is None else len(q)}) must have the same length")
-    if not a: raise ValueError("answer_prior needs at least one sample")
-    ea = _as_list(eval_answers) if eval_answers is not None else a
-    et = _as_list(eval_qtypes) if eval_qtypes is not None else t
-    eq = _as_list(eval_questions) if eval_questions is not None else (q if eval_answers is None else None)
-    if len(ea) != len(et): raise ValueError(f"eval_answers ({len(ea)}) and eval_qtypes ({len(et)}) must have the same length")
-    if q is not None and eq is None: raise ValueError("questions were given for fitting: give eval_questions too")
-    by_type, by_q, answers_of = defaultdict(Counter), defaultdict(Counter), defaultdict(set)
-    for i, (ai, ti) in enumerate(zip(a, t)):
-        by_type[ti][ai] += 1
-        answers_of[ti].add(ai)
-        if q is not None: by_q[q[i]][ai] += 1
-    majority = lambda c: min(c.items(), key=lambda kv: (-kv[1], str(kv[0])))[0]   # ties: the first answer in text order
-    hits = defaultdict(list)
-    for i, (ai, ti) in enumerate(zip(ea, et)):
-        c = by_q.get(eq[i]) if q is not None else None
-        c = c or by_type.get(ti)
-        hits[ti].append(bool(c) and majority(c) == ai)
-    rows = []
-    for ti in sorted(hits, key=str):
-        k = (n_choices or {}).get(ti, len(answers_of[ti]) or 1)
-        prior, chance = float(np.mean(hits[ti])), 1.0 / k
-        rows.append(dict(qtype=_qname(ti, qtype_names), n=len(hits[ti]), n_answers=k, prior_acc=prior, chance=chance, bias=prior - chance))
-    df = pd.DataFrame(rows)
-    w = df.n / df.n.sum()
-    total = dict(qtype='all', n=int(df.n.sum()), n_answers=float('nan'), prior_acc=float((w * df.prior_acc).sum()),
-                 chance=float((w * df.chance).sum()))
-    total['bias'] = total['prior_acc'] - total['chance']
-    return pd.concat([df, pd.DataFrame([total])], ignore_index=True)
-
-# %% ../nbs/04_diagnostics.ipynb #b159ddfb
 class TextOnlyHead(nn.Module):
     "Question-only model: masked mean of the question features (B, L, Dt) -> LayerNorm -> MLP -> answer logits."
-    def __init__(self, text_dim: int, n_answers: int, hidden: int = 128, text_key: str = 'text', mask_key: str = 'text_mask'):
+    def __init__(self, text_dim: int, n_answers: int, hidden: int = 128, text_key: str = 'text',
+                 mask_key: str = 'text_mask'):
         super().__init__()
         self.text_key, self.mask_key = text_key, mask_key
-        self.net = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, hidden), nn.GELU(), nn.Linear(hidden, n_answers))
+        self.net = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, n_answers))
     def forward(self, batch):
         x = batch[self.text_key]                                                         # (B, L, Dt) or (B, Dt)
         if x.ndim == 3:
-            m = batch[self.mask_key] if self.mask_key in batch else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            m = batch.get(self.mask_key)
+            if m is None: m = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
             x = masked_mean(x, m)                                                        # (B, Dt)
         logits = self.net(x)
         out = {'logits': logits}
@@ -193,17 +150,20 @@ def text_only_baseline(train_loader, val_loader, model: nn.Module | Callable[[],
     if model is None:
         first = next(iter(train_loader))
         if text_key not in first:
-            raise KeyError(f"text_only_baseline: batches have no {text_key!r} (keys: {list(first)}); pass a model that takes them")
+            raise KeyError(f"text_only_baseline: batches have no {text_key!r} (keys: {list(first)}); "
+                           f"pass a model that takes them")
         if n_answers is None: n_answers = int(max(int(b['answer'].max()) for b in train_loader)) + 1
         torch.manual_seed(seed)
         net, tr, va = TextOnlyHead(first[text_key].shape[-1], n_answers, hidden, text_key), train_loader, val_loader
     else:
         net = model() if not isinstance(model, nn.Module) and callable(model) else copy.deepcopy(model)
-        if not isinstance(net, nn.Module): raise TypeError(f"model must be an nn.Module or a factory of one, got {type(net).__name__}")
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"model must be an nn.Module or a factory of one, got {type(net).__name__}")
         tr, va = MappedLoader(train_loader, blank_input(key)), MappedLoader(val_loader, blank_input(key))
     res = fit(net, tr, va, epochs=epochs, lr=lr, seed=seed, **fit_kw)
     ev = evaluate(net, va, qtype_names=qtype_names)
-    return dict(accuracy=ev['accuracy'], loss=ev['loss'], per_qtype=ev.get('per_qtype', {}), model=net, history=res.history)
+    return dict(accuracy=ev['accuracy'], loss=ev['loss'], per_qtype=ev.get('per_qtype', {}), model=net,
+                history=res.history)
 
 # %% ../nbs/04_diagnostics.ipynb #b0582870
 GATE_ACTIVATIONS = {'attn_gate': 'tanh', 'ff_gate': 'tanh', 'gate_logit': 'sigmoid'}
@@ -221,11 +181,11 @@ def _layer_map(model: nn.Module):
     return f
 
 def layer_index(model: nn.Module, name: str) -> int | None:
-    "Layer of parameter/module `name`: its index in the outermost nn.ModuleList (the first integer in the name if the model has none)."
+    "Layer of parameter/module `name`: its index in the outermost nn.ModuleList (else the first integer in the name)."
     return _layer_map(model)(name)
 
 def gate_stats(model: nn.Module, activations: Mapping[str, str] = GATE_ACTIVATIONS) -> pd.DataFrame:
-    "Every gate parameter (by name suffix) with its layer, kind (tanh/sigmoid), and mean / abs-mean of the effective gate."
+    "Every gate parameter (by name suffix) with layer, kind (tanh/sigmoid) and mean / abs-mean of the effective gate."
     act = {'tanh': torch.tanh, 'sigmoid': torch.sigmoid, 'identity': lambda x: x}
     layer = _layer_map(model)
     rows = []
@@ -283,7 +243,7 @@ def default_groups(model: nn.Module) -> dict[str, str]:
 
 def gradient_report(model: nn.Module, batch: Mapping, groups: Mapping | None = None, loss_fn: Callable | None = None,
                     train_mode: bool = False) -> pd.DataFrame:
-    "Gradient 2-norm per group of parameters on one batch, its share of the total squared norm, and its RMS per element."
+    "Gradient 2-norm per parameter group on one batch, its share of the total squared norm, and its RMS per element."
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named: raise ValueError(f"{type(model).__name__} has no trainable parameters")
     groups = default_groups(model) if groups is None else {k: _resolve_prefix(model, v) for k, v in groups.items()}
@@ -332,7 +292,8 @@ def gradient_ratio(model: nn.Module, batch: Mapping, group, branch, loss_fn: Cal
     "Gradient norm of `group` with `branch` enabled / with `branch` disabled (its output zeroed), on one batch."
     groups = {'group': group}
     on = gradient_report(model, batch, groups, loss_fn, train_mode).norm.iloc[0]
-    with disabled(_get_module(model, branch)): off = gradient_report(model, batch, groups, loss_fn, train_mode).norm.iloc[0]
+    with disabled(_get_module(model, branch)):
+        off = gradient_report(model, batch, groups, loss_fn, train_mode).norm.iloc[0]
     return on / off if off > 0 else (math.inf if on > 0 else float('nan'))
 
 # %% ../nbs/04_diagnostics.ipynb #4895ccf4
@@ -341,13 +302,16 @@ def attention_stats(probs: torch.Tensor, mask: torch.Tensor | None = None, atol:
     p = probs.detach().double()
     if p.ndim < 1 or p.shape[-1] < 1: raise ValueError(f"probs must have a key dimension, got shape {tuple(p.shape)}")
     if (p < -atol).any() or not torch.allclose(p.sum(-1), torch.ones((), dtype=p.dtype), atol=atol):
-        raise ValueError("attention rows must be probabilities summing to 1 over the last dim (pass softmax outputs, not scores)")
-    n = torch.full(p.shape[:-1], p.shape[-1], dtype=p.dtype) if mask is None else mask.bool().expand(p.shape).sum(-1).double()
+        raise ValueError("attention rows must be probabilities summing to 1 over the last dim "
+                         "(pass softmax outputs, not scores)")
+    if mask is None: n = torch.full(p.shape[:-1], p.shape[-1], dtype=p.dtype)
+    else: n = mask.bool().expand(p.shape).sum(-1).double()
     ent = -torch.special.xlogy(p, p).sum(-1)
     hmax = n.log()
     return dict(entropy=ent.mean().item(), max_entropy=hmax.mean().item(),
                 norm_entropy=(ent / hmax.clamp(min=1e-12)).mean().item() if (n > 1).all() else float('nan'),
-                max_attention=p.amax(-1).mean().item(), uniform_max=(1 / n).mean().item(), n_keys=p.shape[-1], n_rows=ent.numel())
+                max_attention=p.amax(-1).mean().item(), uniform_max=(1 / n).mean().item(), n_keys=p.shape[-1],
+                n_rows=ent.numel())
 
 def focus_ratio(probs_a: torch.Tensor, probs_b: torch.Tensor) -> float:
     "Mean max attention of `probs_a` divided by that of `probs_b` (> 1: a is more focused)."
@@ -365,7 +329,7 @@ class AttentionCapture(dict):
 
 @contextlib.contextmanager
 def capture_attention(model: nn.Module, names: Iterable[str] | None = None):
-    "Turn on `store_attention` in every module that has it (or those in `names`); yield an AttentionCapture filled per forward."
+    "Turn on `store_attention` in every module that has it (or those in `names`); yield an AttentionCapture of them."
     mods = [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, 'store_attention', None), bool)
             and (names is None or n in set(names))]
     if not mods: raise ValueError(f"{type(model).__name__} has no module with a boolean `store_attention` attribute")
@@ -396,8 +360,8 @@ def trainable_report(model: nn.Module, depth: int = 1) -> pd.DataFrame:
         agg[key] = (t + p.numel(), tr + (p.numel() if p.requires_grad else 0))
     rows = [dict(module=m, layer=l, total=t, trainable=tr) for (m, l), (t, tr) in agg.items()]
     df = pd.DataFrame(rows, columns=['module', 'layer', 'total', 'trainable'])
-    df = pd.concat([df, pd.DataFrame([dict(module='total', layer=None, total=int(df.total.sum()), trainable=int(df.trainable.sum()))])],
-                   ignore_index=True)
+    total = dict(module='total', layer=None, total=int(df.total.sum()), trainable=int(df.trainable.sum()))
+    df = pd.concat([df, pd.DataFrame([total])], ignore_index=True)
     df['layer'] = df['layer'].astype('Int64')
     df['trainable_frac'] = df.trainable / df.total.where(df.total > 0)
     return df

@@ -5,7 +5,7 @@
 # %% ../nbs/03_train.ipynb #041c9f6c
 from __future__ import annotations
 import json, math, time, warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -21,17 +21,18 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .core import atomic_write, check_bool, check_choice, check_float, check_int, get_device, seed_everything
+from .core import (atomic_write, check_bool, check_choice, check_float, check_int, get_device, model_device,
+                          seed_everything)
+from .data import QTYPES
 
 # %% auto #0
 __all__ = ['CHECKPOINT_NAME', 'TIMING_COLUMNS', 'decay_split', 'param_groups', 'resolve_precision', 'make_accelerator',
-           'enable_gradient_checkpointing', 'model_device', 'batch_size_of', 'logits_of', 'loss_of',
-           'default_qtype_names', 'predict', 'per_qtype_accuracy', 'evaluate', 'save_checkpoint', 'load_checkpoint',
-           'FitResult', 'fit']
+           'enable_gradient_checkpointing', 'batch_size_of', 'logits_of', 'loss_of', 'predict', 'per_qtype_accuracy',
+           'evaluate', 'save_checkpoint', 'load_checkpoint', 'TrainConfig', 'FitResult', 'fit']
 
 # %% ../nbs/03_train.ipynb #a3781578
 def decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
-    "Names of the trainable parameters that get weight decay (>= 2 dims) and that do not (< 2 dims: gates, norms, biases)."
+    "Names of the trainable parameters with weight decay (>= 2 dims) and without (< 2 dims: gates, norms, biases)."
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad: (decay if p.ndim >= 2 else no_decay).append(name)
@@ -50,7 +51,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.01) -> list[dict]:
 
 # %% ../nbs/03_train.ipynb #6b3bca5a
 def resolve_precision(mixed_precision: str, device: torch.device) -> str:
-    "The mixed precision `fit` can use on `device`: the requested one, or 'no' (with a warning) where it is unsupported."
+    "The precision `fit` can use on `device`: the requested one, or 'no' (with a warning) where it is unsupported."
     mixed_precision = check_choice('mixed_precision', mixed_precision, ['no', 'fp16', 'bf16'])
     if mixed_precision == 'no': return 'no'
     if device.type == 'cpu':
@@ -61,23 +62,26 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> str:
         return 'no'
     return mixed_precision
 
-def make_accelerator(mixed_precision: str = 'no', grad_accum: int = 1, device: torch.device | str | None = None) -> Accelerator:
-    "An `Accelerator` for `device` with the given precision and accumulation (resets accelerate's state in a single process)."
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-    from accelerate.utils import DistributedType
+def make_accelerator(mixed_precision: str = 'no', grad_accum: int = 1,
+                     device: torch.device | str | None = None) -> Accelerator:
+    "An `Accelerator` for `device` with the given precision and gradient accumulation."
     device = get_device(device) if not isinstance(device, torch.device) else device
-    if PartialState._shared_state and PartialState().distributed_type == DistributedType.NO:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
-                       cpu=device.type == 'cpu', step_scheduler_with_optimizer=True)
+    try:
+        return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                           cpu=device.type == 'cpu', step_scheduler_with_optimizer=True)
+    except ValueError as e:
+        if 'already been initialized' not in str(e): raise
+        raise ValueError(f"this process already trained with another precision or device, and accelerate fixes both "
+                         f"per process; run mixed_precision={mixed_precision!r} on {device} in a new process "
+                         f"(a new kernel)") from None
 
 def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
     "Switch on gradient checkpointing in every submodule that supports it; return their names."
     done = []
     for name, m in model.named_modules():
         if any(name.startswith(d + '.') or d == '' for d in done): continue  # a parent already did it
-        if callable(getattr(m, 'gradient_checkpointing_enable', None)) and getattr(m, 'supports_gradient_checkpointing', True):
+        hf_style = callable(getattr(m, 'gradient_checkpointing_enable', None))
+        if hf_style and getattr(m, 'supports_gradient_checkpointing', True):
             m.gradient_checkpointing_enable()
             done.append(name)
         elif isinstance(getattr(m, 'gradient_checkpointing', None), bool):
@@ -86,11 +90,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
     return done
 
 # %% ../nbs/03_train.ipynb #c1d08e33
-def model_device(model: nn.Module) -> torch.device:
-    "The device of the model's first parameter or buffer (CPU for a module without any)."
-    for t in (*model.parameters(), *model.buffers()): return t.device
-    return torch.device('cpu')
-
 def batch_size_of(batch: Mapping) -> int:
     "Number of samples in a batch dict (size of 'answer', else of the first tensor)."
     if 'answer' in batch: return int(batch['answer'].shape[0])
@@ -106,18 +105,11 @@ def logits_of(out) -> torch.Tensor:
                     + (f" with keys {list(out)}" if isinstance(out, Mapping) else ''))
 
 def loss_of(out, batch: Mapping, loss_fn: Callable | None = None) -> torch.Tensor:
-    "Training loss: `loss_fn(out, batch)` if given, else the output's 'loss', else cross-entropy of the logits vs 'answer'."
+    "Training loss: `loss_fn(out, batch)` if given, else the output's 'loss', else cross-entropy of logits vs 'answer'."
     if loss_fn is not None: return loss_fn(out, batch)
     if isinstance(out, Mapping) and 'loss' in out: return out['loss']
     if 'answer' not in batch: raise KeyError("batch has no 'answer' and the model returned no 'loss'; pass loss_fn")
     return F.cross_entropy(logits_of(out).float(), batch['answer'])
-
-def default_qtype_names() -> list[str] | None:
-    "The lab's question-type names (`vlm_lab.data.QTYPES`) if that module is importable, else None."
-    try:
-        from vlm_lab.data import QTYPES
-        return list(QTYPES)
-    except Exception: return None
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, device=None, gather: Callable | None = None) -> dict[str, torch.Tensor]:
@@ -139,8 +131,8 @@ def predict(model: nn.Module, loader, device=None, gather: Callable | None = Non
     return out
 
 def per_qtype_accuracy(preds: torch.Tensor, answer: torch.Tensor, qtype: torch.Tensor, names=None) -> dict:
-    "Accuracy per question type, keyed by name (`names[qtype]`) or by index."
-    names = names if names is not None else default_qtype_names()
+    "Accuracy per question type, keyed by name (`names[qtype]`, default the lab's QTYPES) or by index."
+    names = names if names is not None else QTYPES
     out = {}
     for q in sorted(qtype.unique().tolist()):
         sel = qtype == q
@@ -209,6 +201,75 @@ def load_checkpoint(path, model: nn.Module | None = None, optimizer=None, schedu
     return info
 
 # %% ../nbs/03_train.ipynb #291cb6df
+@dataclass
+class TrainConfig:
+    "How `fit` trains: optimizer, schedule, precision, validation and early stopping (validated on creation)."
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: float | int = 0.1                  # a fraction of all optimizer steps (float) or a number of steps (int)
+    grad_clip: float | None = 1.0              # max global gradient norm; None or 0: no clipping
+    grad_accum: int = 1                        # micro-batches per optimizer step
+    mixed_precision: str = 'no'                # 'no' | 'fp16' | 'bf16' (full precision where unsupported)
+    gradient_checkpointing: bool = False
+    metric: str | Callable = 'accuracy'        # monitored on val_loader: 'accuracy', 'loss' or fn(logits, answers)
+    mode: str | None = None                    # 'max' | 'min'; default 'min' for 'loss', else 'max'
+    patience: int | None = None                # early stopping after this many epochs without improvement
+    min_delta: float = 0.0
+    restore_best: bool = True                  # end with the best validation epoch's weights
+    seed: int = 0
+
+    def __post_init__(self):
+        check_int('epochs', self.epochs, min=1)
+        check_float('lr', self.lr, min=0)
+        check_float('weight_decay', self.weight_decay, min=0)
+        if isinstance(self.warmup, float): check_float('warmup', self.warmup, min=0, max=1)
+        else: check_int('warmup', self.warmup, min=0)
+        if self.grad_clip: check_float('grad_clip', self.grad_clip, min=0)
+        check_int('grad_accum', self.grad_accum, min=1)
+        check_choice('mixed_precision', self.mixed_precision, ['no', 'fp16', 'bf16'])
+        if self.patience is not None: check_int('patience', self.patience, min=1)
+        check_float('min_delta', self.min_delta, min=0)
+        check_int('seed', self.seed, min=0)
+        for name in ('restore_best', 'gradient_checkpointing'): check_bool(name, getattr(self, name))
+        if not (self.metric in ('accuracy', 'loss') or callable(self.metric)):
+            raise ValueError(f"parameter metric={self.metric!r} is invalid: expected 'accuracy', 'loss' "
+                             f"or a callable(logits, answers)")
+        if self.mode is not None: check_choice('mode', self.mode, ['max', 'min'])
+
+    @property
+    def goal(self) -> str:
+        "'max' or 'min': `mode`, else 'min' for the loss and 'max' for any other metric."
+        return self.mode or ('min' if self.metric == 'loss' else 'max')
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric if isinstance(self.metric, str) else getattr(self.metric, '__name__', 'metric')
+
+    def warmup_steps(self, total: int) -> int:
+        return round(self.warmup * total) if isinstance(self.warmup, float) else self.warmup
+
+    def better(self, value: float, best: float | None) -> bool:
+        "Whether a validation `value` improves on `best` by more than `min_delta`."
+        if best is None: return True
+        return value > best + self.min_delta if self.goal == 'max' else value < best - self.min_delta
+
+@dataclass
+class _Run:
+    "What changes as training goes (and what a checkpoint stores beside the weights)."
+    epoch: int = 0                             # the next epoch to run
+    step: int = 0
+    history: list = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    best_epoch: int | None = None
+    best_metric: float | None = None
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    best_state: dict | None = None
+
+    def meta(self) -> dict: return {k: v for k, v in asdict(self).items() if k != 'best_state'}
+
 TIMING_COLUMNS = ('epoch_time_s', 'samples_per_s')
 
 @dataclass
@@ -226,161 +287,141 @@ class FitResult:
 
     def __repr__(self):
         return (f"FitResult(epochs={len(self.history)}, best_epoch={self.best_epoch}, best_metric={self.best_metric}, "
-                f"stopped_early={self.stopped_early}, mixed_precision={self.mixed_precision!r}, wall_time={self.wall_time:.1f}s)")
+                f"stopped_early={self.stopped_early}, mixed_precision={self.mixed_precision!r}, "
+                f"wall_time={self.wall_time:.1f}s)")
 
-def _epoch_seed(seed: int, epoch: int) -> int: return (seed * 1_000_003 + 7_919 * (epoch + 1)) % 2**32
-
-def _reseed_loader(loader, s: int):
-    "Reseed the torch.Generator of a loader's sampler/batch sampler (if any), so its order depends only on `s`."
-    seen = set()
-    while hasattr(loader, 'loader') and not isinstance(loader, torch.utils.data.DataLoader): loader = loader.loader  # wrappers
-    for obj in (loader, getattr(loader, 'sampler', None), getattr(loader, 'batch_sampler', None),
-                getattr(getattr(loader, 'batch_sampler', None), 'sampler', None), getattr(loader, 'base_dataloader', None)):
-        g = getattr(obj, 'generator', None)
-        if isinstance(g, torch.Generator) and id(g) not in seen:
-            g.manual_seed(s)
-            seen.add(id(g))
-
-def _metric_spec(metric, mode):
-    if metric is None or metric == 'accuracy': name, fn, default = 'accuracy', None, 'max'
-    elif metric == 'loss': name, fn, default = 'loss', None, 'min'
-    elif callable(metric): name, fn, default = getattr(metric, '__name__', 'metric'), metric, 'max'
-    else: raise ValueError(f"parameter metric={metric!r} is invalid: expected 'accuracy', 'loss' or a callable(logits, answers)")
-    return name, fn, check_choice('mode', mode or default, ['max', 'min'])
+# %% ../nbs/03_train.ipynb #2a3d6f41
+def _reseed(seed: int, epoch: int, *loaders):
+    "Reseed the RNGs and each loader's sampler generator from (seed, epoch): an epoch's order depends on nothing else."
+    s = (seed * 1_000_003 + 7_919 * (epoch + 1)) % 2**32
+    seed_everything(s, deterministic=False)
+    for loader in loaders:
+        while hasattr(loader, 'loader') and not isinstance(loader, torch.utils.data.DataLoader): loader = loader.loader
+        batch_sampler = getattr(loader, 'batch_sampler', None)
+        for obj in {id(o): o for o in (loader, getattr(loader, 'sampler', None), batch_sampler,
+                                       getattr(batch_sampler, 'sampler', None))}.values():
+            if isinstance(getattr(obj, 'generator', None), torch.Generator): obj.generator.manual_seed(s)
 
 def _state_copy(model): return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-def fit(model: nn.Module, train_loader, val_loader=None, *, epochs: int = 10, lr: float = 1e-3,
-        weight_decay: float = 0.01, warmup: float | int = 0.1, grad_clip: float | None = 1.0, grad_accum: int = 1,
-        mixed_precision: str = 'no', metric: str | Callable = 'accuracy', mode: str | None = None,
-        patience: int | None = None, min_delta: float = 0.0, restore_best: bool = True,
-        gradient_checkpointing: bool = False, checkpoint_dir: str | Path | None = None,
-        resume: bool | str | Path = False, seed: int = 0, device: str | None = None, progress: bool = False,
-        loss_fn: Callable | None = None, betas: tuple[float, float] = (0.9, 0.999),
-        on_epoch_end: Callable[[dict], Any] | None = None) -> FitResult:
-    "Train `model` on `train_loader` with AdamW + cosine warm-up through accelerate; validate, early-stop, checkpoint."
-    epochs = check_int('epochs', epochs, min=1)
-    lr = check_float('lr', lr, min=0)
-    weight_decay = check_float('weight_decay', weight_decay, min=0)
-    warmup = (check_float('warmup', warmup, min=0, max=1) if isinstance(warmup, float) else check_int('warmup', warmup, min=0))
-    grad_clip = None if grad_clip in (None, 0) else check_float('grad_clip', grad_clip, min=0)
-    grad_accum = check_int('grad_accum', grad_accum, min=1)
-    patience = None if patience is None else check_int('patience', patience, min=1)
-    min_delta = check_float('min_delta', min_delta, min=0)
-    seed = check_int('seed', seed, min=0)
-    for n, v in (('restore_best', restore_best), ('gradient_checkpointing', gradient_checkpointing), ('progress', progress)): check_bool(n, v)
-    metric_name, metric_fn, mode = _metric_spec(metric, mode)
+def _train_epoch(model, loader, optimizer, scheduler, accelerator, cfg: TrainConfig, loss_fn, run: _Run) -> dict:
+    "One pass over `loader`; appends a row per optimizer step to `run.steps`; returns the epoch's history row."
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    t0, n_seen, loss_sum, norms, window = time.perf_counter(), 0, 0.0, [], []
+    for i, batch in enumerate(loader):
+        batch = send_to_device(batch, accelerator.device)   # a no-op for prepared DataLoaders; other iterables too
+        with accelerator.accumulate(model):
+            loss = loss_of(model(batch), batch, loss_fn)
+            value, size = loss.detach().float().item(), batch_size_of(batch)
+            if not math.isfinite(value):
+                raise FloatingPointError(f"non-finite loss ({value}) at step {run.step + 1} (epoch {run.epoch}, batch "
+                                         f"{i}): try a lower lr (now {cfg.lr}), grad_clip, or mixed_precision='no'")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                norm = accelerator.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+                norm = float(norm) if norm is not None else float('nan')
+                if not math.isfinite(norm) and accelerator.mixed_precision != 'fp16':
+                    raise FloatingPointError(f"non-finite gradient norm ({norm}) at step {run.step + 1} "
+                                             f"(epoch {run.epoch}, batch {i})")
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        n_seen += size
+        loss_sum += value * size
+        window.append((value, size))
+        if accelerator.sync_gradients:
+            run.step += 1
+            norms.append(norm)
+            run.steps.append(dict(step=run.step, epoch=run.epoch, grad_norm=norm, lr=lr,
+                                  loss=sum(v * n for v, n in window) / sum(n for _, n in window)))
+            window = []
+    dt = time.perf_counter() - t0
+    return dict(epoch=run.epoch, step=run.step, train_loss=loss_sum / max(n_seen, 1), grad_norm=float(np.mean(norms)),
+                grad_norm_max=float(np.max(norms)), lr=scheduler.get_last_lr()[0], epoch_time_s=dt,
+                samples_per_s=n_seen / dt if dt > 0 else float('nan'))
+
+def _validate(model, loader, accelerator, cfg: TrainConfig, run: _Run, row: dict):
+    "Evaluate on `loader` into `row`; update the best epoch, best state and early stopping in `run`."
+    fn = None if isinstance(cfg.metric, str) else cfg.metric
+    ev = evaluate(model, loader, metric=fn, gather=accelerator.gather_for_metrics)
+    row.update(val_loss=ev['loss'], val_accuracy=ev['accuracy'])
+    if fn is not None: row[f'val_{cfg.metric_name}'] = ev['metric']
+    row.update({f'val_acc_{q}': a for q, a in ev.get('per_qtype', {}).items()})
+    value = ev['metric'] if fn is not None else ev[cfg.metric]
+    if cfg.better(value, run.best_metric):
+        run.best_metric, run.best_epoch, run.bad_epochs = value, run.epoch, 0
+        run.best_state = _state_copy(accelerator.unwrap_model(model))
+    else: run.bad_epochs += 1
+    run.stopped_early = cfg.patience is not None and run.bad_epochs >= cfg.patience and run.epoch < cfg.epochs - 1
+
+# %% ../nbs/03_train.ipynb #71078237
+def _resume(src: Path, model, optimizer, scheduler, accelerator, settings: dict) -> _Run:
+    "The `_Run` stored in checkpoint `src` (weights, optimizer and schedule loaded in place); refuses other settings."
+    info = load_checkpoint(src, model, optimizer, scheduler)
+    diff = {k: (info['settings'].get(k), v) for k, v in settings.items() if info['settings'].get(k) != v}
+    if diff: raise ValueError(f"cannot resume from {src}: settings differ (checkpoint, now): {diff}")
+    if info.get('scaler') and accelerator.scaler is not None: accelerator.scaler.load_state_dict(info['scaler'])
+    return _Run(**{k: info[k] for k in _Run().meta()}, best_state=info['best_state'])
+
+def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | None = None, *,
+        loss_fn: Callable | None = None, checkpoint_dir: str | Path | None = None, resume: bool | str | Path = False,
+        device: str | None = None, progress: bool = False, on_epoch_end: Callable[[dict], Any] | None = None,
+        **overrides) -> FitResult:
+    "Train `model` with AdamW + cosine warm-up through accelerate; validate, early-stop, checkpoint, resume."
+    cfg = replace(config or TrainConfig(), **overrides)
     if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     try: n_batches = len(train_loader)
-    except TypeError: raise ValueError("train_loader must have a length (the schedule needs the number of steps)") from None
+    except TypeError: raise ValueError("train_loader must have a length (the schedule needs the step count)") from None
     if n_batches == 0: raise ValueError("train_loader is empty")
-    if patience is not None and val_loader is None: raise ValueError("parameter patience needs a val_loader to monitor")
-    if resume and checkpoint_dir is None and not isinstance(resume, (str, Path)):
-        raise ValueError("parameter resume=True needs a checkpoint_dir")
-
+    if cfg.patience is not None and val_loader is None: raise ValueError("parameter patience needs a val_loader")
+    if resume is True and checkpoint_dir is None: raise ValueError("parameter resume=True needs a checkpoint_dir")
     dev = get_device(device)
-    precision = resolve_precision(mixed_precision, dev)
-    seed_everything(seed)
-    if gradient_checkpointing and not enable_gradient_checkpointing(model):
-        warnings.warn(f"gradient_checkpointing=True but no module of {type(model).__name__} supports it; training without it")
-    steps_per_epoch = math.ceil(n_batches / grad_accum)
-    total_steps = steps_per_epoch * epochs
-    warmup_steps = round(warmup * total_steps) if isinstance(warmup, float) else warmup
-
-    accelerator = make_accelerator(precision, grad_accum, dev)
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    precision = resolve_precision(cfg.mixed_precision, dev)
+    seed_everything(cfg.seed)
+    if cfg.gradient_checkpointing and not enable_gradient_checkpointing(model):
+        warnings.warn(f"gradient_checkpointing=True but no module of {type(model).__name__} supports it")
+    total = math.ceil(n_batches / cfg.grad_accum) * cfg.epochs
+    accelerator = make_accelerator(precision, cfg.grad_accum, dev)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps(total), total)
     model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     val_dl = accelerator.prepare(val_loader) if val_loader is not None else None
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    settings = dict(epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip,
-                    grad_accum=grad_accum, mixed_precision=precision, metric=metric_name, mode=mode, patience=patience,
-                    min_delta=min_delta, seed=seed, n_batches=n_batches, betas=list(betas))
+    settings = dict(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=list(cfg.betas),
+                    warmup_steps=cfg.warmup_steps(total), grad_clip=cfg.grad_clip, grad_accum=cfg.grad_accum,
+                    mixed_precision=precision, metric=cfg.metric_name, mode=cfg.goal, patience=cfg.patience,
+                    min_delta=cfg.min_delta, seed=cfg.seed, n_batches=n_batches)
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    rows, step_rows, best_state, best_epoch, best_metric, bad, start_epoch, step, stopped = [], [], None, None, None, 0, 0, 0, False
-    if resume:
-        src = Path(resume) if isinstance(resume, (str, Path)) else ckpt
-        if isinstance(resume, (str, Path)) and src.is_dir(): src = src / CHECKPOINT_NAME
-        if src.is_file():
-            info = load_checkpoint(src, accelerator.unwrap_model(model), optimizer, scheduler)
-            diff = {k: (info['settings'].get(k), v) for k, v in settings.items() if info['settings'].get(k) != v}
-            if diff: raise ValueError(f"cannot resume from {src}: settings differ (checkpoint, now): {diff}")
-            rows, step_rows, step = info['history'], info['steps'], info['step']
-            best_epoch, best_metric, bad, stopped = info['best_epoch'], info['best_metric'], info['bad_epochs'], info['stopped_early']
-            best_state, start_epoch = info['best_state'], info['epoch'] + 1
-            if precision == 'fp16' and info.get('scaler'): accelerator.scaler.load_state_dict(info['scaler'])
-        elif isinstance(resume, (str, Path)): raise FileNotFoundError(f"parameter resume={str(resume)!r}: no checkpoint there")
+    src = Path(resume) if isinstance(resume, (str, Path)) else ckpt if resume else None
+    if src is not None and src.is_dir(): src = src / CHECKPOINT_NAME
+    if isinstance(resume, (str, Path)) and not src.is_file():
+        raise FileNotFoundError(f"parameter resume={str(resume)!r}: no checkpoint there")
+    unwrapped = accelerator.unwrap_model(model)
+    run = _resume(src, unwrapped, optimizer, scheduler, accelerator, settings) if src and src.is_file() else _Run()
 
     t_start = time.perf_counter()
-    bar = tqdm(range(start_epoch, epochs), desc='fit', disable=not progress, initial=start_epoch, total=epochs)
-    for epoch in bar:
-        if stopped: break
-        s = _epoch_seed(seed, epoch)
-        seed_everything(s, deterministic=False)
-        _reseed_loader(train_loader, s)
-        _reseed_loader(train_dl, s)
-        model.train()
-        t0, n_seen, loss_sum, gnorms = time.perf_counter(), 0, 0.0, []
-        win_loss, win_n = 0.0, 0
-        for i, batch in enumerate(train_dl):
-            batch = send_to_device(batch, accelerator.device)   # a no-op for prepared DataLoaders; other iterables too
-            with accelerator.accumulate(model):
-                out = model(batch)
-                loss = loss_of(out, batch, loss_fn)
-                lv, bs = loss.detach().float().item(), batch_size_of(batch)
-                if not math.isfinite(lv):
-                    raise FloatingPointError(f"non-finite loss ({lv}) at step {step + 1} (epoch {epoch}, batch {i}): "
-                                             f"try a lower lr (now {lr}), grad_clip, or mixed_precision='no'")
-                accelerator.backward(loss)
-                gn = None
-                if accelerator.sync_gradients:
-                    gn = accelerator.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
-                    gn = float(gn) if gn is not None else float('nan')
-                    if not math.isfinite(gn) and precision != 'fp16':
-                        raise FloatingPointError(f"non-finite gradient norm ({gn}) at step {step + 1} (epoch {epoch}, batch {i})")
-                cur_lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            n_seen += bs
-            loss_sum += lv * bs
-            win_loss += lv * bs
-            win_n += bs
-            if accelerator.sync_gradients:
-                step += 1
-                gnorms.append(gn)
-                step_rows.append(dict(step=step, epoch=epoch, loss=win_loss / win_n, grad_norm=gn, lr=cur_lr))
-                win_loss, win_n = 0.0, 0
-        dt = time.perf_counter() - t0
-        row = dict(epoch=epoch, step=step, train_loss=loss_sum / max(n_seen, 1),
-                   grad_norm=float(np.mean(gnorms)), grad_norm_max=float(np.max(gnorms)), lr=scheduler.get_last_lr()[0])
-        improved = False
-        if val_dl is not None:
-            ev = evaluate(model, val_dl, metric=metric_fn, gather=accelerator.gather_for_metrics)
-            row.update(val_loss=ev['loss'], val_accuracy=ev['accuracy'])
-            if metric_fn is not None: row[f'val_{metric_name}'] = ev['metric']
-            for q, a in ev.get('per_qtype', {}).items(): row[f'val_acc_{q}'] = a
-            m = ev['metric'] if metric_fn is not None else ev[metric_name]
-            improved = best_metric is None or (m > best_metric + min_delta if mode == 'max' else m < best_metric - min_delta)
-            if improved: best_metric, best_epoch, bad, best_state = m, epoch, 0, _state_copy(accelerator.unwrap_model(model))
-            else: bad += 1
-            stopped = patience is not None and bad >= patience and epoch < epochs - 1
-        row.update(epoch_time_s=dt, samples_per_s=n_seen / dt if dt > 0 else float('nan'))
-        rows.append(row)
+    bar = tqdm(total=cfg.epochs, initial=run.epoch, desc='fit', disable=not progress)
+    while run.epoch < cfg.epochs and not run.stopped_early:
+        _reseed(cfg.seed, run.epoch, train_loader, train_dl)
+        row = _train_epoch(model, train_dl, optimizer, scheduler, accelerator, cfg, loss_fn, run)
+        if val_dl is not None: _validate(model, val_dl, accelerator, cfg, run, row)
+        run.history.append(row)
+        run.epoch += 1
+        bar.update()
         bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in ('train_loss', 'val_loss', 'val_accuracy')})
         if ckpt is not None and accelerator.is_main_process:
-            save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, best_state,
-                            meta=dict(settings=settings, epoch=epoch, step=step, history=rows, steps=step_rows,
-                                      best_epoch=best_epoch, best_metric=best_metric, bad_epochs=bad, stopped_early=stopped,
-                                      scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None))
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            save_checkpoint(ckpt, unwrapped, optimizer, scheduler, run.best_state,
+                            meta=dict(settings=settings, scaler=scaler, **run.meta()))
         if on_epoch_end is not None: on_epoch_end(row)
     bar.close()
 
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    if val_dl is None or best_state is None: best_state, best_epoch = _state_copy(model), (rows[-1]['epoch'] if rows else None)
-    elif restore_best: model.load_state_dict({k: v.to(model_device(model)) for k, v in best_state.items()})
-    if dev.type != 'cpu': accelerator.free_memory()   # empties the device cache (a slow gc.collect; not needed on CPU)
-    return FitResult(history=pd.DataFrame(rows), steps=pd.DataFrame(step_rows), best_state=best_state,
-                     best_epoch=best_epoch, best_metric=best_metric, stopped_early=stopped, mixed_precision=precision,
-                     wall_time=time.perf_counter() - t_start, checkpoint=ckpt)
+    if val_dl is None or run.best_state is None:
+        run.best_state, run.best_epoch = _state_copy(model), (run.history[-1]['epoch'] if run.history else None)
+    elif cfg.restore_best: model.load_state_dict({k: v.to(model_device(model)) for k, v in run.best_state.items()})
+    if dev.type != 'cpu': accelerator.free_memory()   # empties the device cache (not needed on CPU)
+    return FitResult(history=pd.DataFrame(run.history), steps=pd.DataFrame(run.steps), best_state=run.best_state,
+                     best_epoch=run.best_epoch, best_metric=run.best_metric, stopped_early=run.stopped_early,
+                     mixed_precision=precision, wall_time=time.perf_counter() - t_start, checkpoint=ckpt)
