@@ -1,8 +1,12 @@
-"Finding notebooks run end to end under papermill, and refuse bad parameters before writing anything."
-import json, os, subprocess, sys
+"""Finding notebooks run end to end under papermill, refuse bad parameters before writing anything, and end in a
+verdict table whose every verdict follows from its own numbers."""
+import json, math, os, subprocess, sys
 from pathlib import Path
 
 import pytest
+
+from vlm_lab.core import CI
+from vlm_lab.findings import get_claim, verdict_direction, verdict_equivalence, verdict_range
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPERMILL = [sys.executable, '-m', 'papermill']
@@ -12,12 +16,31 @@ def run_nb(nb, out, root, *params, timeout=900):
     "Run nbs/<nb> with papermill into `out`, results/figures/cache under `root`; return the CompletedProcess."
     args = [*PAPERMILL, str(ROOT / 'nbs' / nb), str(out), '--cwd', str(ROOT / 'nbs'), '--no-progress-bar']
     for k, v in params: args += ['-p', k, str(v)]
-    env = {**os.environ, 'VLM_LAB_ROOT': str(root), 'VLM_LAB_CACHE': str(root / '.cache'), 'VLM_LAB_DEVICE': 'cpu'}
+    env = {**os.environ, 'VLM_LAB_ROOT': str(root), 'VLM_LAB_CACHE': str(ROOT / '.cache'), 'VLM_LAB_DEVICE': 'cpu'}
+    env.pop('VLM_LAB_FIGURES', None)
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def written(root):
     return sorted(str(p.relative_to(root)) for d in ('results', 'figures') for p in (root / d).rglob('*') if p.is_file())
+
+
+def check_verdicts_follow_from_numbers(rows):
+    "Recompute every row's verdict from its stored mean/CI by its claim's rule: no verdict is typed in."
+    for r in rows:
+        claim = get_claim(r['claim'])
+        assert claim.kind == r['kind']
+        if r['verdict'] in ('not tested', 'measured'): continue
+        if claim.kind == 'mechanism':
+            assert r['verdict'] in ('mechanism', 'refuted') and r['measured']
+            continue
+        lo = -math.inf if r['lo'] is None else r['lo']
+        hi = math.inf if r['hi'] is None else r['hi']
+        ci = CI(r['mean'], lo, hi, r['n'])
+        rule = {'direction': lambda: verdict_direction(ci, claim.value),
+                'range': lambda: verdict_range(ci, *claim.value, claim.tolerance),
+                'equivalence': lambda: verdict_equivalence(ci, claim.value)}[claim.kind]
+        assert rule() == r['verdict'], r
 
 
 @pytest.mark.parametrize('params,message', [
@@ -27,6 +50,8 @@ def written(root):
     ((('profile', 'fast'),), "parameter profile='fast' is invalid"),
     ((('bias', 1.5),), 'parameter bias=1.5 is invalid'),
     ((('seeds', 0),), 'parameter seeds=0 is invalid'),
+    ((('seeds', 2), ('side_seeds', '5')), 'expected a subset of seeds'),
+    ((('low_gate_init', 3.0),), 'expected below gate_init'),
 ])
 def test_fusion_depth_bad_parameters_write_nothing(tmp_path, params, message):
     r = run_nb('05_fusion_depth.ipynb', tmp_path / 'out.ipynb', tmp_path, *params)
@@ -35,31 +60,41 @@ def test_fusion_depth_bad_parameters_write_nothing(tmp_path, params, message):
     assert written(tmp_path) == []
 
 
+SMALL = (('seeds', 2), ('side_seeds', 2), ('epochs', 2), ('n_samples', 400), ('timing_repeats', 2))
+
+
 @pytest.mark.parametrize('layers', [3, 6])
 def test_fusion_depth_small_run(tmp_path, layers):
-    r = run_nb('05_fusion_depth.ipynb', tmp_path / 'out.ipynb', tmp_path, ('layers', layers), ('seeds', 2),
-               ('epochs', 1), ('n_samples', 400))
+    r = run_nb('05_fusion_depth.ipynb', tmp_path / 'out.ipynb', tmp_path, ('layers', layers), *SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     files = written(tmp_path)
     results = [f for f in files if f.startswith('results/05_fusion_depth/')]
     assert len(results) == 1
     rec = json.loads((tmp_path / results[0]).read_text())
     assert rec['params']['layers'] == layers and rec['params']['seeds'] == [0, 1]
-    assert len(rec['metrics'][f'accuracy_scratch_L{layers}']) == 2
-    verdicts = rec['metrics']['verdicts']
-    assert {f'FD-{i}' for i in range(2, 10)} <= {k.split()[0] for k in verdicts}
-    assert set(verdicts.values()) <= {'reproduced', 'refuted', 'inconclusive', 'mechanism'}
-    assert verdicts['FD-9 loading'] == 'refuted'          # a mechanism: the grown model loads and starts identical
-    assert any(f'layers={layers}' in f and f.startswith('figures/fd_accuracy_drop_gate_vs_depth') for f in files)
+    runs = rec['metrics']['runs']
+    assert sorted(set(zip(runs['kind'], runs['depth']))) == [('scratch', 2), ('scratch', layers), ('scratch_half', layers),
+                                                             ('warm', layers)]
+    rows = rec['verdicts']
+    assert {f'FD-{i}' for i in range(1, 11)} == {r['claim'].split()[0] for r in rows}
+    assert {'claim', 'note', 'measured', 'n', 'verdict', 'why', 'figure', 'mean', 'lo', 'hi'} <= set(rows[0])
+    check_verdicts_follow_from_numbers(rows)
+    loading = next(r for r in rows if r['claim'] == 'FD-9 loading')
+    assert 'max |logit change| 0.0e+00' in loading['measured']        # the mechanism: a grown model starts identical
+    assert next(r for r in rows if r['claim'] == 'FD-8')['verdict'] == 'not tested'   # no grid in this run
+    assert any(f'layers={layers}' in f and f.startswith('results/figures/fd_accuracy_drop_gate_vs_depth') for f in files)
+    assert not any(f.startswith('figures/') for f in files)               # runs never write the tracked figures/
 
 
 def test_fusion_depth_grid(tmp_path):
     "The FD-8 depth x data-size grid (full profile) runs at toy scale and yields a heatmap and a computed verdict."
-    r = run_nb('05_fusion_depth.ipynb', tmp_path / 'out.ipynb', tmp_path, ('grid', True), ('seeds', 2), ('epochs', 1),
-               ('n_samples', 400))
+    r = run_nb('05_fusion_depth.ipynb', tmp_path / 'out.ipynb', tmp_path, ('grid', True), ('grid_sizes', '300,500'),
+               ('grid_depths', '1,2'), *SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads(next((tmp_path / 'results' / '05_fusion_depth').glob('*.json')).read_text())
     grid = rec['metrics']['grid']
-    assert {(g['n'], g['depth']) for g in grid} == {(n, d) for n in (600, 1500, 3000) for d in (1, 2, 4)}
-    assert len(grid) == 9 * 2 and rec['metrics']['verdicts']['FD-8'] in {'reproduced', 'refuted', 'inconclusive'}
-    assert any(f.startswith('figures/fd_depth_by_data_grid') for f in written(tmp_path))
+    assert {(g['n'], g['depth']) for g in grid} == {(n, d) for n in (300, 500) for d in (1, 2)} and len(grid) == 8
+    fd8 = next(r for r in rec['verdicts'] if r['claim'] == 'FD-8')
+    assert fd8['verdict'] != 'not tested' and fd8['n'] == 2
+    check_verdicts_follow_from_numbers(rec['verdicts'])
+    assert any(f.startswith('results/figures/fd_depth_by_data_grid') for f in written(tmp_path))

@@ -19,7 +19,7 @@ from .core import check_float, check_int
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'COLOR_RGB', 'GRID', 'LOCATIONS', 'QTYPES', 'TYPE_ANSWERS', 'ANSWERS', 'BACKGROUND', 'TEMPLATES',
            'NUM_WORDS', 'draw_shape', 'render_scene', 'to_tensor', 'VQADataset', 'load_image', 'prior_answer',
-           'answer_question', 'ShapesVQA', 'qtype_name', 'answer_prior', 'VQACollator', 'ShapesVideo',
+           'answer_question', 'ShapesVQA', 'qtype_name', 'prior_hits', 'answer_prior', 'VQACollator', 'ShapesVideo',
            'caption_variants', 'caption_score', 'ShapesCaptions']
 
 # %% ../nbs/01_data.ipynb #eaa4e26e
@@ -309,9 +309,9 @@ def _as_list(x) -> list:
     if isinstance(x, np.ndarray): return x.tolist()
     return list(x)
 
-def answer_prior(answers, qtypes, questions=None, *, eval_answers=None, eval_qtypes=None, eval_questions=None,
-                 n_choices: Mapping | None = None, qtype_names=None) -> pd.DataFrame:
-    "Accuracy of the majority-answer rule (per question text, else per type) vs uniform chance, per type: dataset bias."
+def prior_hits(answers, qtypes, questions=None, *, eval_answers=None, eval_qtypes=None, eval_questions=None,
+               n_choices: Mapping | None = None) -> pd.DataFrame:
+    "Per evaluated item: its qtype, whether the majority-answer rule answers it right (`hit`), its type's chance."
     a, t, q = _as_list(answers), _as_list(qtypes), _as_list(questions)
     if len(a) != len(t) or (q is not None and len(q) != len(a)):
         raise ValueError(f"answers ({len(a)}), qtypes ({len(t)}) and questions ({None if q is None else len(q)}) "
@@ -329,23 +329,27 @@ def answer_prior(answers, qtypes, questions=None, *, eval_answers=None, eval_qty
         answers_of[ti].add(ai)
         if q is not None: by_q[q[i]][ai] += 1
     majority = lambda c: min(c.items(), key=lambda kv: (-kv[1], str(kv[0])))[0]   # ties: the first in text order
-    hits = defaultdict(list)
-    for i, (ai, ti) in enumerate(zip(ea, et)):
-        c = by_q.get(eq[i]) if q is not None else None
-        c = c or by_type.get(ti)
-        hits[ti].append(bool(c) and majority(c) == ai)
     rows = []
-    for ti in sorted(hits, key=str):
+    for i, (ai, ti) in enumerate(zip(ea, et)):
+        c = (by_q.get(eq[i]) if q is not None else None) or by_type.get(ti)
         k = (n_choices or {}).get(ti, len(answers_of[ti]) or 1)
-        prior, chance = float(np.mean(hits[ti])), 1.0 / k
-        rows.append(dict(qtype=qtype_name(ti, qtype_names), n=len(hits[ti]), n_answers=k, prior_acc=prior, chance=chance,
-                         bias=prior - chance))
-    df = pd.DataFrame(rows)
-    w = df.n / df.n.sum()
-    total = dict(qtype='all', n=int(df.n.sum()), n_answers=float('nan'), prior_acc=float((w * df.prior_acc).sum()),
-                 chance=float((w * df.chance).sum()))
+        rows.append(dict(qtype=ti, hit=bool(c) and majority(c) == ai, chance=1.0 / k, n_answers=k))
+    return pd.DataFrame(rows)
+
+def answer_prior(answers, qtypes, questions=None, *, eval_answers=None, eval_qtypes=None, eval_questions=None,
+                 n_choices: Mapping | None = None, qtype_names=None) -> pd.DataFrame:
+    "Accuracy of the majority-answer rule (per question text, else per type) vs uniform chance, per type: dataset bias."
+    items = prior_hits(answers, qtypes, questions, eval_answers=eval_answers, eval_qtypes=eval_qtypes,
+                       eval_questions=eval_questions, n_choices=n_choices)
+    rows = []
+    for ti, g in sorted(items.groupby('qtype', sort=False), key=lambda kv: str(kv[0])):
+        prior, chance = float(g.hit.mean()), float(g.chance.iloc[0])
+        rows.append(dict(qtype=qtype_name(ti, qtype_names), n=len(g), n_answers=int(g.n_answers.iloc[0]),
+                         prior_acc=prior, chance=chance, bias=prior - chance))
+    total = dict(qtype='all', n=len(items), n_answers=float('nan'), prior_acc=float(items.hit.mean()),
+                 chance=float(items.chance.mean()))
     total['bias'] = total['prior_acc'] - total['chance']
-    return pd.concat([df, pd.DataFrame([total])], ignore_index=True)
+    return pd.concat([pd.DataFrame(rows), pd.DataFrame([total])], ignore_index=True)
 
 # %% ../nbs/01_data.ipynb #e37c4a94
 class VQACollator:

@@ -16,7 +16,7 @@ from .backbones import VisionEncoder
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'FEATURE_CACHE_LOG', 'backbone_id', 'vision_features', 'text_features', 'FeatureDataset',
-           'feature_dataset', 'feature_splits']
+           'FeatureLoader', 'feature_dataset', 'feature_splits']
 
 # %% ../nbs/02a_features.ipynb #5a1b463b
 CACHE_FORMAT = 'vlm_lab.features/1'
@@ -189,19 +189,37 @@ class FeatureDataset(torch.utils.data.Dataset):
         return dict(vision=self.vision[i], text=self.text[j], text_mask=self.text_mask[j],
                     answer=self.answer[i], qtype=self.qtype[i], index=torch.tensor(i))
 
+    def loader(self, batch_size: int = 64, shuffle: bool = False, seed: int = 0,
+               drop_last: bool = False) -> 'FeatureLoader':
+        "A loader of batch dicts built by tensor indexing (what `fit` and the findings train on)."
+        return FeatureLoader(self, batch_size, shuffle, seed, drop_last)
+
     def batches(self, batch_size: int = 64, shuffle: bool = False, seed: int = 0, drop_last: bool = False):
-        "Iterate batch dicts (tensor indexing, no per-item collation); `shuffle` with a seeded permutation."
-        batch_size = check_int('batch_size', batch_size, min=1)
-        g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(self), generator=g) if shuffle else torch.arange(len(self))
-        stop = len(self) - (len(self) % batch_size if drop_last else 0)
-        for s in range(0, stop, batch_size): yield self._batch(order[s:s + batch_size])
+        "Iterate batch dicts once (see `loader`)."
+        return iter(self.loader(batch_size, shuffle, seed, drop_last))
 
     def subset(self, idx) -> 'FeatureDataset':
         "The samples at `idx` (text features shared)."
         idx = torch.as_tensor(idx, dtype=torch.long)
         return FeatureDataset(self.vision[idx], self.text, self.text_mask, self.text_index[idx], self.answer[idx],
                               self.qtype[idx], self.answers)
+
+class FeatureLoader:
+    "Batches of a FeatureDataset by tensor indexing (no per-item collation); `generator` seeds the shuffle."
+    def __init__(self, data: FeatureDataset, batch_size: int = 64, shuffle: bool = False, seed: int = 0,
+                 drop_last: bool = False):
+        self.data, self.batch_size = data, check_int('batch_size', batch_size, min=1)
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.generator = torch.Generator().manual_seed(check_int('seed', seed, min=0))
+
+    def __len__(self) -> int:
+        n, b = len(self.data), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self):
+        n = len(self.data)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for i in range(len(self)): yield self.data._batch(order[i * self.batch_size:(i + 1) * self.batch_size])
 
 def _labels(dataset) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     "Questions, answer ids and qtype ids of a VQADataset (from its records, without rendering images)."
