@@ -98,3 +98,34 @@ def test_fusion_depth_grid(tmp_path):
     assert fd8['verdict'] != 'not tested' and fd8['n'] == 2
     check_verdicts_follow_from_numbers(rec['verdicts'])
     assert any(f.startswith('results/figures/fd_depth_by_data_grid') for f in written(tmp_path))
+
+
+@pytest.mark.parametrize('params,message', [
+    ((('mode', 'half'),), "parameter mode='half' is invalid"),
+    ((('modes', 'none,triple'),), "parameter modes='triple' is invalid"),
+    ((('loops', 0),), 'parameter loops=0 is invalid'),
+    ((('adapter_weight', 1.5),), 'parameter adapter_weight=1.5 is invalid'),
+    ((('epochs', 1),), 'parameter epochs=1 is invalid'),
+])
+def test_gradient_dilution_bad_parameters_write_nothing(tmp_path, params, message):
+    r = run_nb('06_gradient_dilution.ipynb', tmp_path / 'out.ipynb', tmp_path, *params)
+    assert r.returncode != 0
+    assert message in r.stderr + r.stdout
+    assert written(tmp_path) == []
+
+
+@pytest.mark.parametrize('mode', ['full', 'gated'])
+def test_gradient_dilution_small_run(tmp_path, mode):
+    r = run_nb('06_gradient_dilution.ipynb', tmp_path / 'out.ipynb', tmp_path, ('mode', mode), ('modes', 'fixed'),
+               ('seeds', 2), ('grad_seeds', 3), ('epochs', 2), ('n_samples', 300))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads(next((tmp_path / 'results' / '06_gradient_dilution').glob('*.json')).read_text())
+    assert rec['params']['modes'] == ['none', 'fixed', mode]
+    rows = {r['claim']: r for r in rec['verdicts']}
+    assert {f'GD-{i}' for i in range(1, 10)} == {c.split()[0] for c in rows}
+    check_verdicts_follow_from_numbers(rec['verdicts'])
+    assert rows['GD-4']['verdict'] == 'not tested'                     # 'learnable' was not trained
+    ratios = rec['metrics']['ratios']
+    if mode == 'gated':                                                # a zero gate adds nothing: ratio exactly 1
+        assert all(abs(x - 1) < 1e-9 for m, x in zip(ratios['mode'], ratios['ratio']) if m == 'gated')
+    assert any(f.startswith('results/figures/gd_gradient_ratio') for f in written(tmp_path))

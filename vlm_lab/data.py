@@ -20,7 +20,7 @@ from .core import check_float, check_int
 __all__ = ['SHAPES', 'COLORS', 'COLOR_RGB', 'GRID', 'LOCATIONS', 'QTYPES', 'TYPE_ANSWERS', 'ANSWERS', 'BACKGROUND', 'TEMPLATES',
            'NUM_WORDS', 'draw_shape', 'render_scene', 'to_tensor', 'VQADataset', 'load_image', 'prior_answer',
            'answer_question', 'ShapesVQA', 'qtype_name', 'prior_hits', 'answer_prior', 'VQACollator', 'ShapesVideo',
-           'caption_variants', 'caption_score', 'ShapesCaptions']
+           'caption_variants', 'caption_score', 'ShapesCaptions', 'ShapesReferring']
 
 # %% ../nbs/01_data.ipynb #eaa4e26e
 SHAPES = ['circle', 'square', 'triangle', 'diamond']
@@ -465,3 +465,71 @@ class ShapesCaptions(torch.utils.data.Dataset):
         r = self.records[i]
         return dict(image=to_tensor(self.image(i)), caption=r['captions'][0], captions=r['captions'],
                     objects=r['objects'], index=i)
+
+# %% ../nbs/01_data.ipynb #ec4850cd
+class ShapesReferring(torch.utils.data.Dataset):
+    "Seeded scenes with a prompt naming one object; items: image, prompt, cover (P,) in [0, 1], target (P,) bool."
+    def __init__(self, n: int = 2000, seed: int = 0, image_size: int = 64, patch_size: int = 8, max_objects: int = 4,
+                 min_cover: float = 0.2):
+        self.n, self.seed = check_int('n', n, min=1), check_int('seed', seed, min=0)
+        self.image_size = check_int('image_size', image_size, min=8)
+        self.patch_size = check_int('patch_size', patch_size, min=1, max=self.image_size)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"parameter patch_size={patch_size} is invalid: expected a divisor of image_size="
+                             f"{image_size}")
+        self.max_objects = check_int('max_objects', max_objects, min=2, max=GRID * GRID)
+        self.min_cover = check_float('min_cover', min_cover, min=0.0, max=1.0)
+        rng = np.random.default_rng(seed)
+        self.records = [self._scene(rng) for _ in range(self.n)]
+        self._fingerprint = None
+
+    def _scene(self, rng) -> dict:
+        color, shape = str(rng.choice(COLORS)), str(rng.choice(SHAPES))
+        cells = _cells(rng, int(rng.integers(2, self.max_objects + 1)))
+        objects = [_obj(rng, cells[0], shape, color)]
+        for cell in cells[1:]:                      # distractors: never the named pair, often sharing one attribute
+            kind = rng.choice(['same color', 'same shape', 'other'])
+            while True:
+                o = _obj(rng, cell, color=color if kind == 'same color' else None,
+                         shape=shape if kind == 'same shape' else None)
+                if (o['color'], o['shape']) != (color, shape): break
+            objects.append(o)
+        return dict(objects=objects, target=0, prompt=f"the {color} {shape}")
+
+    def __len__(self): return self.n
+    @property
+    def grid(self) -> int: return self.image_size // self.patch_size
+
+    def image(self, i: int) -> Image.Image: return render_scene(self.records[i]['objects'], self.image_size)
+
+    def cover(self, i: int) -> torch.Tensor:
+        "Fraction of each patch (row-major, the ViT's token order) covered by the named object: (P,)."
+        r = self.records[i]
+        alone = np.asarray(render_scene([r['objects'][r['target']]], self.image_size), dtype=np.int16)
+        mask = torch.from_numpy((np.abs(alone - np.array(BACKGROUND)).sum(-1) > 30).astype(np.float32))   # (H, W)
+        g, p = self.grid, self.patch_size
+        return mask.view(g, p, g, p).mean((1, 3)).flatten()                                         # (g*g,)
+
+    def __getitem__(self, i: int) -> dict:
+        cover = self.cover(i)
+        return dict(image=to_tensor(self.image(i)), prompt=self.records[i]['prompt'], cover=cover,
+                    target=cover >= self.min_cover, index=i)
+
+    def fingerprint(self) -> str:
+        "Stable hash of the scenes, prompts and sizes: the feature-cache key."
+        if self._fingerprint is None:
+            content = [self.image_size, self.patch_size, [(r['prompt'], r['objects']) for r in self.records]]
+            self._fingerprint = hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        return self._fingerprint
+
+    def splits(self, fracs: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> dict:
+        "Deterministic train/val/test split (the records at a seeded permutation, cut at `fracs`)."
+        perm = np.random.default_rng(seed).permutation(self.n)
+        cuts = np.cumsum([int(round(f * self.n)) for f in fracs[:2]])
+        out = {}
+        for name, idx in zip(('train', 'val', 'test'), np.split(perm, cuts)):
+            part = object.__new__(ShapesReferring)
+            part.__dict__.update(self.__dict__)
+            part.records, part.n, part._fingerprint = [self.records[j] for j in sorted(idx)], len(idx), None
+            out[name] = part
+        return out

@@ -106,22 +106,25 @@ CLAIMS: list[Claim] = [
           "to 0.37x of its norm without the branch", '0.37x', 'range', (0.37, 0.37), tolerance=0.1, unit='x'),
     Claim('GD-2', '', "scaling the branch output by 0.1 brings the ratio to 0.96x (> 0.8)", '0.96x', 'range',
           (0.96, 0.96), tolerance=0.1, unit='x'),
-    Claim('GD-3', 'no learning without the fix', "at full scale the adapter does not learn (loss 3.16 -> 3.13)",
-          '-1% loss', 'range', (0.0, 0.01), tolerance=0.01, **_pct),
-    Claim('GD-3', 'feedback beats base', "with the fix the feedback model beats the base model (2.20 vs 2.26)",
-          '2.20 < 2.26', 'direction', 1),
-    Claim('GD-4', '', "a learnable scale (init 0.1) is an alternative to the fixed 0.1: it learns at least as well",
-          'alternative', 'direction', 1),
-    Claim('GD-5', '', "normalising the text context and matching the branch norm to the residual fixes the adapter's "
-          "gradient at least as well as the fixed 0.1", 'the real root cause', 'direction', 1),
+    Claim('GD-3', 'no learning without the fix', "at full scale the adapter does not learn: the training loss barely "
+          "falls (3.16 -> 3.13, a 1% drop)", '-1% loss', 'range', (0.0, 0.01), tolerance=0.01, **_pct),
+    Claim('GD-3', 'feedback beats base', "with the fix the feedback model reaches a lower loss than the base model "
+          "without cross-attention (2.20 vs 2.26)", '2.20 < 2.26', 'direction', 1, scale=1, unit=''),
+    Claim('GD-4', '', "a learnable scale (initialised at 0.1) is an alternative to the fixed 0.1: it learns as well",
+          'alternative', 'equivalence', 0.02, scale=1, unit=''),
+    Claim('GD-5', '', "normalising the text context and matching the branch to the residual's norm fixes learning at "
+          "least as well as the fixed 0.1 (no worse by more than 0.02 AUROC)", 'the real root cause', 'range',
+          (-0.02, _inf), scale=1, unit=''),
     Claim('GD-6', '', "healthy adapter gradient norms lie in 0.05-0.15 (below 0.001 means vanishing)", '0.05-0.15',
           'range', (0.05, 0.15)),
     Claim('GD-7', '', "with the fix, later feedback loops beat earlier ones (loop 3 better than loop 1)",
-          'loop 3 > loop 1', 'direction', 1),
+          'loop 3 > loop 1', 'direction', 1, scale=1, unit=''),
     Claim('GD-8', '', "a tanh gate at 0 on the branch (Flamingo zero-init) avoids the gradient loss without a "
-          "hand-picked scale and learns at least as well as the fixed 0.1", "lab's hypothesis", 'direction', 1),
-    Claim('GD-9', '', "the adapter's gradient ratio is explained by how much the branch grows the residual stream's "
-          "norm at the next normalisation", "lab's hypothesis", 'range', (1.0, 1.0), tolerance=0.1, unit='x'),
+          "hand-picked scale and learns at least as well as the fixed 0.1 (no worse by more than 0.02 AUROC)",
+          "lab's hypothesis", 'range', (-0.02, _inf), scale=1, unit=''),
+    Claim('GD-9', '', "the adapter's gradient ratio is what the branch's growth of the residual stream at the next "
+          "LayerNorm predicts (measured / predicted within 1 ± 0.1)", "lab's hypothesis", 'range', (1.0, 1.0),
+          tolerance=0.1, unit='x'),
     # QI: query initialisation (seed 003, 07_query_init)
     Claim('QI-1', 'embedding difference', "query init std 0.02 vs 1.0: embedding difference 0.012 vs 0.75",
           '0.012 vs 0.75', 'direction', 1),

@@ -113,21 +113,28 @@ def loss_of(out, batch: Mapping, loss_fn: Callable | None = None) -> torch.Tenso
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, device=None, gather: Callable | None = None) -> dict[str, torch.Tensor]:
-    "Logits (N, A), predictions (N,) and, where batches have them, 'answer' and 'qtype' of a whole loader (on CPU)."
+    """Logits, argmax predictions and, where batches have them, 'answer' and 'qtype' of a loader (on CPU); plus the
+    sample-weighted mean of the model's own 'loss' where it returns one."""
     device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     cols: dict[str, list] = {'logits': [], 'answer': [], 'qtype': []}
+    loss_sum, n_loss = 0.0, 0
     try:
         for batch in loader:
             batch = send_to_device(batch, device)
-            logits = logits_of(model(batch)).float()
+            out = model(batch)
+            if isinstance(out, Mapping) and 'loss' in out:
+                loss_sum += float(out['loss']) * batch_size_of(batch)
+                n_loss += batch_size_of(batch)
+            logits = logits_of(out).float()
             for k, v in (('logits', logits), ('answer', batch.get('answer')), ('qtype', batch.get('qtype'))):
                 if v is not None: cols[k].append((gather(v) if gather else v).cpu())
     finally: model.train(was_training)
     if not cols['logits']: raise ValueError("loader is empty: nothing to predict")
     out = {k: torch.cat(v) for k, v in cols.items() if v}
     out['preds'] = out['logits'].argmax(-1)
+    if n_loss: out['loss'] = torch.tensor(loss_sum / n_loss)
     return out
 
 def per_qtype_accuracy(preds: torch.Tensor, answer: torch.Tensor, qtype: torch.Tensor, names=None) -> dict:
@@ -142,9 +149,12 @@ def per_qtype_accuracy(preds: torch.Tensor, answer: torch.Tensor, qtype: torch.T
 
 def evaluate(model: nn.Module, loader, metric: Callable | None = None, qtype_names=None, device=None,
              gather: Callable | None = None) -> dict:
-    "Loss (mean cross-entropy), accuracy, `metric` (if given) and per-question-type accuracy of `model` on `loader`."
+    """Loss (mean cross-entropy), accuracy, `metric` (if given) and per-question-type accuracy of `model` on `loader`;
+    without 'answer' in the batches, the model's own mean loss."""
     p = predict(model, loader, device=device, gather=gather)
-    if 'answer' not in p: raise KeyError("evaluate needs batches with 'answer'")
+    if 'answer' not in p:
+        if 'loss' not in p: raise KeyError("evaluate needs batches with 'answer', or a model that returns a 'loss'")
+        return dict(n=len(p['logits']), loss=p['loss'].item())
     res = dict(n=len(p['answer']), loss=F.cross_entropy(p['logits'], p['answer']).item(),
                accuracy=(p['preds'] == p['answer']).float().mean().item())
     if metric is not None: res['metric'] = float(metric(p['logits'], p['answer']))
@@ -346,7 +356,7 @@ def _validate(model, loader, accelerator, cfg: TrainConfig, run: _Run, row: dict
     "Evaluate on `loader` into `row`; update the best epoch, best state and early stopping in `run`."
     fn = None if isinstance(cfg.metric, str) else cfg.metric
     ev = evaluate(model, loader, metric=fn, gather=accelerator.gather_for_metrics)
-    row.update(val_loss=ev['loss'], val_accuracy=ev['accuracy'])
+    row.update({f'val_{k}': ev[k] for k in ('loss', 'accuracy') if k in ev})
     if fn is not None: row[f'val_{cfg.metric_name}'] = ev['metric']
     row.update({f'val_acc_{q}': a for q, a in ev.get('per_qtype', {}).items()})
     value = ev['metric'] if fn is not None else ev[cfg.metric]
