@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from vlm_lab import core
 from vlm_lab.core import (check_bool, check_choice, check_float, check_int, check_seeds, figure_name, load_results,
                           mean_ci, params_hash, save_result, savefig, seed_everything, get_device, project_root,
                           atomic_write)

@@ -4,7 +4,6 @@
 
 # %% ../nbs/06_gradient_dilution.ipynb #034a65a7
 from __future__ import annotations
-import math
 from dataclasses import dataclass
 
 import numpy as np

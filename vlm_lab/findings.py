@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math, os, pickle, time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import multiprocessing as mp
