@@ -6,7 +6,7 @@ PYTHON ?= python3
 NB     ?= 05_fusion_depth
 PARAMS ?= -p layers 4
 
-.PHONY: setup test nbtest pytest run lab export clean
+.PHONY: setup test nbtest pytest run bench lab export clean
 setup: $(VENV)/.installed
 
 # torch first and pinned: 2.13.0 is a CPU build that installs fast; a bare `torch` could pull a multi-GB CUDA build.
@@ -28,6 +28,9 @@ pytest: setup
 run: setup                           ## rerun a notebook with papermill: make run NB=01_data PARAMS="-p seed 1"
 	mkdir -p runs
 	$(BIN)/papermill nbs/$(NB).ipynb runs/$(NB).ipynb --cwd nbs $(PARAMS)
+
+bench: setup                         ## the benchmarks of 11_performance: make bench BENCH="--profile full --only block"
+	$(BIN)/vlm_lab bench $(BENCH)
 
 lab: setup                           ## open the notebooks in JupyterLab
 	$(BIN)/jupyter lab nbs

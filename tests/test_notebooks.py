@@ -129,3 +129,25 @@ def test_gradient_dilution_small_run(tmp_path, mode):
     if mode == 'gated':                                                # a zero gate adds nothing: ratio exactly 1
         assert all(abs(x - 1) < 1e-9 for m, x in zip(ratios['mode'], ratios['ratio']) if m == 'gated')
     assert any(f.startswith('results/figures/gd_gradient_ratio') for f in written(tmp_path))
+
+
+@pytest.mark.parametrize('params,message', [
+    ((('profile', 'fast'),), "parameter profile='fast' is invalid"),
+    ((('sections', 'block,gpu'),), "parameter sections='gpu' is invalid"),
+    ((('device', 'tpu'),), "parameter device='tpu' is invalid"),
+])
+def test_performance_bad_parameters_write_nothing(tmp_path, params, message):
+    r = run_nb('11_performance.ipynb', tmp_path / 'out.ipynb', tmp_path, *params)
+    assert r.returncode != 0
+    assert message in r.stderr + r.stdout
+    assert written(tmp_path) == []
+
+
+def test_performance_one_section(tmp_path):
+    r = run_nb('11_performance.ipynb', tmp_path / 'out.ipynb', tmp_path, ('sections', 'step'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = written(tmp_path)
+    assert [f for f in files if f.startswith('results/11_performance/')] and len(files) == 2, files
+    result = json.loads((tmp_path / [f for f in files if f.endswith('.json')][0]).read_text())
+    assert set(result['metrics']) == {'step', 'targets'}
+    assert result['params']['sections'] == ['step'] and result['threads'] >= 1

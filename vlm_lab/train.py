@@ -28,7 +28,7 @@ from .data import QTYPES
 # %% auto #0
 __all__ = ['CHECKPOINT_NAME', 'TIMING_COLUMNS', 'decay_split', 'param_groups', 'resolve_precision', 'make_accelerator',
            'enable_gradient_checkpointing', 'batch_size_of', 'logits_of', 'loss_of', 'predict', 'per_qtype_accuracy',
-           'evaluate', 'save_checkpoint', 'load_checkpoint', 'TrainConfig', 'FitResult', 'fit']
+           'evaluate', 'save_checkpoint', 'load_checkpoint', 'TrainConfig', 'FitResult', 'fit', 'step_time']
 
 # %% ../nbs/03_train.ipynb #a3781578
 def decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -435,3 +435,27 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     return FitResult(history=pd.DataFrame(run.history), steps=pd.DataFrame(run.steps), best_state=run.best_state,
                      best_epoch=run.best_epoch, best_metric=run.best_metric, stopped_early=run.stopped_early,
                      mixed_precision=precision, wall_time=time.perf_counter() - t_start, checkpoint=ckpt)
+
+# %% ../nbs/03_train.ipynb #42abbaaf
+def step_time(model: nn.Module, batches, *, optimizer=None, loss_fn: Callable | None = None, warmup: int = 1,
+              autocast: torch.dtype | None = None) -> float:
+    "Seconds for one optimizer step (forward, backward, update) per batch of `batches`, after `warmup` untimed steps."
+    batches = list(batches)
+    if not batches: raise ValueError("step_time needs at least one batch")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer if optimizer is not None else torch.optim.AdamW(params, lr=1e-4)
+    dev = model_device(model)
+    sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
+    model.train()
+    def step(b):
+        with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+            loss = loss_of(model(send_to_device(b, dev)), b, loss_fn)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for b in batches[:warmup]: step(b)
+    sync()
+    t0 = time.perf_counter()
+    for b in batches: step(b)
+    sync()
+    return time.perf_counter() - t0
