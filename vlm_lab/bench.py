@@ -29,8 +29,8 @@ from .findings import default_workers, run_grid
 __all__ = ['PROFILES', 'SECTIONS', 'OP_KINDS', 'GROWTH_BASE', 'GPU_ONLY', 'parse_sections', 'sync', 'time_call', 'interleaved',
            'matmul_peak', 'peak_memory', 'BlockCase', 'block_grid', 'block_flops', 'block_pair', 'block_inputs',
            'block_step', 'block_parity', 'bench_block', 'op_kind', 'op_breakdown', 'fd_config', 'bench_pipeline',
-           'bench_seeds', 'synthetic_features', 'bench_growth', 'growth_exponents', 'bench_step', 'run_section',
-           'targets', 'bench', 'main']
+           'bench_seeds', 'synthetic_features', 'bench_growth', 'growth_exponents', 'predict_epoch_time', 'bench_step',
+           'run_section', 'targets', 'bench', 'main']
 
 # %% ../nbs/11_performance.ipynb #ee7dd017
 PROFILES = {
@@ -326,6 +326,15 @@ def growth_exponents(growth: pd.DataFrame, column: str = 'epoch_s') -> pd.Series
     "Per axis, the slope k of log(column) against log(value): cost ∝ size^k over the measured range."
     return growth.groupby('axis').apply(lambda g: float(np.polyfit(np.log(g.value), np.log(g[column]), 1)[0]),
                                         include_groups=False).rename(f'exponent_{column}')
+
+def predict_epoch_time(growth: pd.DataFrame, base: Mapping[str, int] = GROWTH_BASE, **sizes) -> float:
+    "Seconds per epoch at `sizes` (other sizes at `base`): the measured base epoch times (size / base)^k per axis."
+    k = growth_exponents(growth)
+    unknown = sorted(set(sizes) - set(k.index))
+    if unknown: raise ValueError(f"no measured growth for {unknown}: measured axes are {list(k.index)}")
+    at_base = growth[[v == base[a] for a, v in zip(growth.axis, growth.value)]]
+    if at_base.empty: raise ValueError(f"no measurement at the base sizes {dict(base)}")
+    return float(at_base.epoch_s.median() * np.prod([(v / base[a]) ** k[a] for a, v in sizes.items()]))
 
 # %% ../nbs/11_performance.ipynb #31994f58
 GPU_ONLY = ('fused AdamW', 'bf16 autocast', 'compile reduce-overhead')
