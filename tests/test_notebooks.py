@@ -106,6 +106,8 @@ def test_fusion_depth_grid(tmp_path):
     ((('loops', 0),), 'parameter loops=0 is invalid'),
     ((('adapter_weight', 1.5),), 'parameter adapter_weight=1.5 is invalid'),
     ((('epochs', 1),), 'parameter epochs=1 is invalid'),
+    ((('steps', 0),), 'parameter steps=0 is invalid'),
+    ((('steps', 100), ('epochs', 4)), 'parameters steps=100 and epochs=4 are both given'),
 ])
 def test_gradient_dilution_bad_parameters_write_nothing(tmp_path, params, message):
     r = run_nb('06_gradient_dilution.ipynb', tmp_path / 'out.ipynb', tmp_path, *params)
@@ -116,11 +118,13 @@ def test_gradient_dilution_bad_parameters_write_nothing(tmp_path, params, messag
 
 @pytest.mark.parametrize('mode', ['full', 'gated'])
 def test_gradient_dilution_small_run(tmp_path, mode):
+    budget = ('epochs', 2) if mode == 'full' else ('steps', 7)         # 240 training scenes: 4 steps an epoch
     r = run_nb('06_gradient_dilution.ipynb', tmp_path / 'out.ipynb', tmp_path, ('mode', mode), ('modes', 'fixed'),
-               ('seeds', 2), ('grad_seeds', 3), ('epochs', 2), ('n_samples', 300))
+               ('seeds', 2), ('grad_seeds', 3), budget, ('n_samples', 300))
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads(next((tmp_path / 'results' / '06_gradient_dilution').glob('*.json')).read_text())
     assert rec['params']['modes'] == ['none', 'fixed', mode]
+    assert rec['params']['epochs'] == 2 and rec['params']['steps'] == (None if mode == 'full' else 7)
     rows = {r['claim']: r for r in rec['verdicts']}
     assert {f'GD-{i}' for i in range(1, 10)} == {c.split()[0] for c in rows}
     check_verdicts_follow_from_numbers(rec['verdicts'])
