@@ -46,3 +46,16 @@ def test_block_bench_rows_are_consistent():
     assert r.lab_frac_peak == pytest.approx(r.lab_tflops / r.peak_tflops)
     assert r.speedup_lo <= r.speedup <= r.speedup_hi
     assert targets(dict(block=t)).met.iloc[0] in ('yes', 'no')
+
+
+def test_block_bench_bf16_path_runs_on_cpu():
+    "The bf16 rows a GPU run adds go through the same parity check; on CPU they are slow but must agree."
+    t = bench_block([BlockCase(32, 4, 9, 2, heads=2, dim_head=16)], dtype=torch.bfloat16, repeats=2, min_time=0.01,
+                    progress=False)
+    r = t.iloc[0]
+    assert r['dtype'] == 'bfloat16' and 0 < r.parity < 5e-2        # bf16 rounding shows, within the asserted bound
+
+
+def test_cpu_capable_step_variants_run_on_cpu():
+    t = bench_step(['eager', 'fused AdamW', 'bf16 autocast'], steps=2, device='cpu').set_index('variant')
+    assert t.samples_per_s.notna().all() and 'skipped' not in t

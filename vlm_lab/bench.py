@@ -26,11 +26,11 @@ from .train import TrainConfig, evaluate, fit, step_time
 from .findings import default_workers, run_grid
 
 # %% auto #0
-__all__ = ['PROFILES', 'SECTIONS', 'OP_KINDS', 'GROWTH_BASE', 'GPU_ONLY', 'parse_sections', 'sync', 'time_call', 'interleaved',
-           'matmul_peak', 'peak_memory', 'BlockCase', 'block_grid', 'block_flops', 'block_pair', 'block_inputs',
-           'block_step', 'block_parity', 'bench_block', 'op_kind', 'op_breakdown', 'fd_config', 'bench_pipeline',
-           'bench_seeds', 'synthetic_features', 'bench_growth', 'growth_exponents', 'predict_epoch_time', 'bench_step',
-           'run_section', 'targets', 'bench', 'main']
+__all__ = ['PROFILES', 'SECTIONS', 'OP_KINDS', 'GROWTH_BASE', 'STEP_VARIANTS', 'GPU_ONLY', 'parse_sections', 'sync', 'time_call',
+           'interleaved', 'matmul_peak', 'peak_memory', 'BlockCase', 'block_grid', 'block_flops', 'block_pair',
+           'block_inputs', 'block_step', 'block_parity', 'bench_block', 'op_kind', 'op_breakdown', 'fd_config',
+           'bench_pipeline', 'bench_seeds', 'synthetic_features', 'bench_growth', 'growth_exponents',
+           'predict_epoch_time', 'bench_step', 'run_section', 'targets', 'bench', 'main']
 
 # %% ../nbs/11_performance.ipynb #ee7dd017
 PROFILES = {
@@ -39,7 +39,7 @@ PROFILES = {
                   seeds=2, seed_epochs=2, seed_n=3000,
                   growth=dict(samples=(600, 1200, 2400, 4800), layers=(1, 2, 4, 8), width=(32, 64, 128, 256),
                               vision_tokens=(17, 65, 257)), growth_steps=10,
-                  step_variants=('eager', 'batch x4'), step_steps=10),
+                  step_variants=('eager', 'fused AdamW', 'bf16 autocast', 'batch x4'), step_steps=10),
     'full': dict(block_widths=(256, 1024), block_texts=(16, 64), block_visions=(65, 257), block_batches=(8, 64),
                  block_repeats=5, min_time=0.2, pipeline_n=3000, pipeline_batches=8, pipeline_repeats=5,
                  seeds=10, seed_epochs=8, seed_n=3000,
@@ -337,7 +337,8 @@ def predict_epoch_time(growth: pd.DataFrame, base: Mapping[str, int] = GROWTH_BA
     return float(at_base.epoch_s.median() * np.prod([(v / base[a]) ** k[a] for a, v in sizes.items()]))
 
 # %% ../nbs/11_performance.ipynb #31994f58
-GPU_ONLY = ('fused AdamW', 'bf16 autocast', 'compile reduce-overhead')
+STEP_VARIANTS = ('eager', 'fused AdamW', 'bf16 autocast', 'compile', 'compile reduce-overhead')   # and 'batch xK'
+GPU_ONLY = ('compile reduce-overhead',)
 
 def bench_step(variants: Sequence[str] = ('eager', 'batch x4'), layers: int = 2, d_model: int = 64,
                batch_size: int = 64, steps: int = 10, device='cpu') -> pd.DataFrame:
@@ -349,8 +350,8 @@ def bench_step(variants: Sequence[str] = ('eager', 'batch x4'), layers: int = 2,
             rows.append(dict(variant=v, device=device.type, skipped=f'needs a CUDA device (this run: {device.type})'))
             continue
         m = re.fullmatch(r'batch x([1-9]\d*)', v)
-        if m is None and v not in ('eager', 'compile') + GPU_ONLY:
-            raise ValueError(f"step variant {v!r} is unknown: expected eager, {', '.join(GPU_ONLY)}, compile or "
+        if m is None and v not in STEP_VARIANTS:
+            raise ValueError(f"step variant {v!r} is unknown: expected one of {', '.join(STEP_VARIANTS)} or "
                              f"'batch xK' (K a positive integer)")
         k = int(m.group(1)) if m else 1
         torch.manual_seed(0)
@@ -358,6 +359,7 @@ def bench_step(variants: Sequence[str] = ('eager', 'batch x4'), layers: int = 2,
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True if v == 'fused AdamW' else None)
         if v.startswith('compile'):
+            torch._dynamo.reset()                                   # compile afresh: its time is part of the row
             model = torch.compile(model, mode='reduce-overhead' if 'reduce' in v else None)
         batches = list(synthetic_features(steps * batch_size * k, device=device).loader(batch_size * k, drop_last=True))
         kw = dict(optimizer=opt, autocast=torch.bfloat16 if v == 'bf16 autocast' else None)
