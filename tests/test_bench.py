@@ -2,6 +2,7 @@
 targets table on a real (small) run."""
 import importlib.metadata
 
+import pandas as pd
 import pytest
 import torch
 
@@ -59,3 +60,13 @@ def test_block_bench_bf16_path_runs_on_cpu():
 def test_cpu_capable_step_variants_run_on_cpu():
     t = bench_step(['eager', 'fused AdamW', 'bf16 autocast'], steps=2, device='cpu').set_index('variant')
     assert t.samples_per_s.notna().all() and 'skipped' not in t
+    assert (t.speedup_lo <= t.speedup).all() and (t.speedup <= t.speedup_hi).all()
+
+
+@pytest.mark.parametrize('lo,met', [(2.6, 'no'), (3.1, 'yes')])
+def test_gpu_step_target_needs_the_whole_interval(lo, met):
+    "A mean of 3.3x whose interval dips below 3x is not a met target: the verdict must survive a rerun."
+    t = pd.DataFrame([dict(variant='eager', device='cuda', speedup=1.0, speedup_lo=1.0, speedup_hi=1.0),
+                      dict(variant='compile', device='cuda', speedup=3.3, speedup_lo=lo, speedup_hi=3.6)])
+    row = targets(dict(step=t)).set_index('benchmark').loc['training step, best variant over eager']
+    assert row.met == met and '3.30x' in row.measured
