@@ -65,12 +65,13 @@ def time_call(fn: Callable, min_time: float = 0.1) -> float:
     t = benchmark.Timer(stmt='fn()', globals=dict(fn=fn), num_threads=torch.get_num_threads())
     return t.blocked_autorange(min_run_time=min_time).median
 
-def interleaved(fns: Mapping[str, Callable], repeats: int = 3, min_time: float = 0.1, warmup: int = 1) -> pd.DataFrame:
-    "Seconds per call of each of `fns`, the functions alternating repeat by repeat: rows (name, repeat, s)."
+def interleaved(fns: Mapping[str, Callable], repeats: int = 3, min_time: float = 0.1, warmup: int = 1,
+                timer: Callable[[Callable], float] | None = None) -> pd.DataFrame:
+    "Seconds per call of each of `fns`, alternating repeat by repeat: rows (name, repeat, s); `timer(fn)` -> s."
+    timer = timer or (lambda fn: time_call(fn, min_time))
     for fn in fns.values():
         for _ in range(warmup): fn()
-    return pd.DataFrame([dict(name=k, repeat=r, s=time_call(fn, min_time)) for r in range(repeats)
-                         for k, fn in fns.items()])
+    return pd.DataFrame([dict(name=k, repeat=r, s=timer(fn)) for r in range(repeats) for k, fn in fns.items()])
 
 def matmul_peak(device: torch.device | str = 'cpu', dtype: torch.dtype = torch.float32, n: int | None = None,
                 repeats: int = 3) -> float:
@@ -344,7 +345,7 @@ def bench_step(variants: Sequence[str] = ('eager', 'batch x4'), layers: int = 2,
                batch_size: int = 64, steps: int = 10, repeats: int = 3, device='cpu') -> pd.DataFrame:
     "Samples per second of 05's training step per variant (eager, fused AdamW, bf16, compile..., batch xK), with a CI."
     device = torch.device(device)
-    rows, runs = [], {}
+    rows, fns, meta = [], {}, {}
     for v in variants:
         if device.type != 'cuda' and v in GPU_ONLY:
             rows.append(dict(variant=v, device=device.type, skipped=f'needs a CUDA device (this run: {device.type})'))
@@ -365,18 +366,17 @@ def bench_step(variants: Sequence[str] = ('eager', 'batch x4'), layers: int = 2,
         kw = dict(optimizer=opt, autocast=torch.bfloat16 if v == 'bf16 autocast' else None)
         first = step_time(model, batches[:1], warmup=0, **kw)                  # includes compilation
         step_time(model, batches[:2], warmup=0, **kw)                          # CUDA graphs record on later calls
-        runs[v] = (model, batches, kw, batch_size * k, first)
-    # the variants alternate repeat by repeat, so a drift in the machine's speed hits them all alike
-    times = {v: [] for v in runs}
-    for _ in range(repeats):
-        for v, (model, batches, kw, _, _) in runs.items():
-            times[v].append(step_time(model, batches, warmup=0, **kw) / len(batches))
-    for v, (_, _, _, batch, first) in runs.items():
-        s = float(np.median(times[v]))
-        row = dict(variant=v, device=device.type, batch=batch, step_ms=1e3 * s, samples_per_s=batch / s,
-                   first_step_s=first, compile_s=max(first - s, 0.0) if v.startswith('compile') else 0.0)
-        if 'eager' in runs:                            # per-repeat ratio of samples per second over eager's
-            ci = mean_ci(batch / t / (runs['eager'][3] / e) for t, e in zip(times[v], times['eager']))
+        fns[v] = lambda model=model, batches=batches, kw=kw: step_time(model, batches, warmup=0, **kw) / len(batches)
+        meta[v] = dict(batch=batch_size * k, first=first)
+    # the variants alternate repeat by repeat, so a drift in the machine's speed hits them all alike; each call
+    # times itself (step_time synchronises the device), one call per repeat
+    t = interleaved(fns, repeats, warmup=0, timer=lambda fn: fn()).pivot(index='repeat', columns='name', values='s')
+    for v, m in meta.items():
+        s = float(t[v].median())
+        row = dict(variant=v, device=device.type, batch=m['batch'], step_ms=1e3 * s, samples_per_s=m['batch'] / s,
+                   first_step_s=m['first'], compile_s=max(m['first'] - s, 0.0) if v.startswith('compile') else 0.0)
+        if 'eager' in meta:                            # per-repeat ratio of samples per second over eager's
+            ci = mean_ci(m['batch'] / meta['eager']['batch'] * t['eager'] / t[v])
             row |= dict(speedup=ci.mean, speedup_lo=ci.lo, speedup_hi=ci.hi)
         rows.append(row)
     return pd.DataFrame(rows)
