@@ -272,7 +272,7 @@ def bench_seeds(seeds: int = 2, epochs: int = 2, n: int = 3000, depths=(2, 4), d
         fit(model, train_dl, val_dl, cfg, seed=seed)
         return model
     measure = lambda model, cond, seed: dict(accuracy=evaluate(model, test_dl)['accuracy'])
-    conds = [dict(depth=d) for d in depths]
+    conds = {f'depth {d}': dict(depth=d) for d in depths}
     rows = []
     for w in workers or sorted({1, default_workers()}):
         g = run_grid(conds, list(range(seeds)), train, measure, workers=w, progress=progress,
