@@ -309,6 +309,7 @@ class Params:
             if v is None: v = over.get(f.name, f.default)
             values[f.name] = _check_value(f.name, v, hints[f.name], f.metadata)
         out = cls(**values)
+        out.given = frozenset(k for k, v in given.items() if v is not None)   # what the caller set explicitly
         out.check()
         return out
 
@@ -320,7 +321,7 @@ class Params:
         return cls.resolve({n: ns[n] for n in cls.names()})
 
     def check(self):
-        "Cross-field rules (override; raise ValueError naming the parameters)."
+        "Cross-field rules (override; raise ValueError naming the parameters); `self.given` names the values set."
 
     def asdict(self) -> dict: return asdict(self)
 
