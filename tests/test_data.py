@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm_lab.data import (ANSWERS, QTYPES, ShapesCaptions, ShapesVQA, ShapesVideo, VQACollator,
-                          VQADataset, answer_prior, answer_question, caption_score, prior_answer)
+from vlm_lab.data import (ANSWERS, QTYPES, ShapesVQA, VQACollator, VQADataset, answer_prior, answer_question,
+                          prior_answer)
 from vlm_lab.backbones import load_tokenizer
 
 HEADER = 'image_path,question,answer,qtype\n'
@@ -164,19 +164,3 @@ def test_collator(small):
     assert b['answer'].tolist() == [small[i]['answer_id'] for i in range(5)]
     with pytest.raises(TypeError, match='tokenizer'): VQACollator(None)
 
-
-def test_video():
-    v = ShapesVideo(n=3, frames=5, seed=1)
-    it = v[0]
-    assert it['frames'].shape == (5, 3, 64, 64) and it['positions'].shape[0] == 5
-    assert torch.equal(ShapesVideo(n=3, frames=5, seed=1)[2]['frames'], v[2]['frames'])
-    assert 'moves' in it['caption']
-    with pytest.raises(ValueError, match='frames=1'): ShapesVideo(frames=1)
-
-
-def test_captions():
-    c = ShapesCaptions(n=10, seed=0)
-    for r in c.records:
-        assert all(caption_score(cap, r['objects'])['f1'] == 1.0 for cap in r['captions'])
-    objs = c.records[0]['objects']
-    assert caption_score('', objs)['f1'] == 0.0

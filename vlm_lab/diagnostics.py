@@ -21,7 +21,7 @@ from .train import fit, evaluate, logits_of, loss_of
 __all__ = ['GATE_ACTIVATIONS', 'materialize', 'collect', 'MappedLoader', 'vision_dependency', 'TextOnlyHead', 'blank_input',
            'text_only_baseline', 'layer_index', 'gate_stats', 'feature_diversity', 'default_groups', 'gradient_report',
            'disabled', 'gradient_ratio', 'attention_stats', 'focus_ratio', 'AttentionCapture', 'capture_attention',
-           'trainable_report']
+           'trainable_report', 'auroc', 'image_auroc']
 
 # %% ../nbs/04_diagnostics.ipynb #dc27c352
 def materialize(loader) -> list[dict]:
@@ -365,3 +365,25 @@ def trainable_report(model: nn.Module, depth: int = 1) -> pd.DataFrame:
     df['layer'] = df['layer'].astype('Int64')
     df['trainable_frac'] = df.trainable / df.total.where(df.total > 0)
     return df
+
+# %% ../nbs/04_diagnostics.ipynb #1ea4b4bb
+import numpy as np
+
+# %% ../nbs/04_diagnostics.ipynb #76eb53dd
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    "Area under the ROC curve of `scores` for binary `labels` (Mann-Whitney, ties counted half)."
+    s, y = scores.flatten().double(), labels.flatten().bool()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0: raise ValueError(f"auroc needs both classes, got {n_pos} positives, {n_neg} negatives")
+    order = s.argsort()
+    ranks = torch.empty_like(s)
+    ranks[order] = torch.arange(1, len(s) + 1, dtype=s.dtype)
+    for v in s[order][1:][s[order][1:] == s[order][:-1]].unique():              # average ranks of ties
+        ranks[s == v] = ranks[s == v].mean()
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+def image_auroc(scores: torch.Tensor, target: torch.Tensor) -> float:
+    "Mean over images of the patch AUROC within each image (scores, target: (N, P)); one-class images skipped."
+    vals = [auroc(s, t) for s, t in zip(scores, target) if 0 < int(t.sum()) < t.numel()]
+    if not vals: raise ValueError("image_auroc: no image has both target and other patches")
+    return float(np.mean(vals))

@@ -16,7 +16,7 @@ from .backbones import VisionEncoder
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'FEATURE_CACHE_LOG', 'backbone_id', 'vision_features', 'text_features', 'FeatureDataset',
-           'FeatureLoader', 'feature_dataset', 'feature_splits']
+           'FeatureLoader', 'feature_dataset', 'feature_splits', 'PatchTargets', 'patch_targets']
 
 # %% ../nbs/02a_features.ipynb #5a1b463b
 CACHE_FORMAT = 'vlm_lab.features/1'
@@ -245,3 +245,31 @@ def feature_dataset(dataset, vision_model: nn.Module, text_model: nn.Module, tok
 def feature_splits(dataset, vision_model: nn.Module, text_model: nn.Module, tokenizer, **kw) -> dict:
     "`feature_dataset` of each of `dataset.splits()` (train / val / test), each cached under its own fingerprint."
     return {k: feature_dataset(v, vision_model, text_model, tokenizer, **kw) for k, v in dataset.splits().items()}
+
+# %% ../nbs/02a_features.ipynb #2981bf39
+class PatchTargets:
+    "Cached features and per-patch targets of a referring dataset: batch dicts vision, text, text_mask, target, index."
+    def __init__(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, text_index: torch.Tensor,
+                 target: torch.Tensor):
+        n = len(vision)
+        if not (len(text_index) == len(target) == n):
+            raise ValueError(f"PatchTargets: {n} images, {len(text_index)} prompts, {len(target)} target rows")
+        if target.shape[1] != vision.shape[1] - 1:
+            raise ValueError(f"PatchTargets: {target.shape[1]} target patches, {vision.shape[1] - 1} patch tokens")
+        self.vision, self.text, self.text_mask = vision, text, text_mask
+        self.text_index, self.target = text_index, target
+    def __len__(self): return len(self.vision)
+    def _batch(self, idx: torch.Tensor) -> dict:
+        j = self.text_index[idx]
+        return dict(vision=self.vision[idx], text=self.text[j], text_mask=self.text_mask[j], target=self.target[idx],
+                    index=idx)
+    def loader(self, batch_size: int = 64, shuffle: bool = False, seed: int = 0):
+        "A FeatureLoader over these samples."
+        return FeatureLoader(self, batch_size, shuffle, seed)
+
+def patch_targets(dataset, vision_model: nn.Module, text_model: nn.Module, tokenizer) -> PatchTargets:
+    "PatchTargets of a referring dataset (split): cached frozen features, targets from the scenes."
+    vision = vision_features(vision_model, dataset)
+    text, mask, index = text_features(text_model, tokenizer, [r['prompt'] for r in dataset.records])
+    target = torch.stack([dataset.cover(i) >= dataset.min_cover for i in range(len(dataset))])
+    return PatchTargets(vision, text, mask, index, target)

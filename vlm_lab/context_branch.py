@@ -6,7 +6,6 @@
 from __future__ import annotations
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,8 +14,7 @@ from .core import check_choice, check_float, check_int, masked_mean
 from .fusion import CrossAttention
 
 # %% auto #0
-__all__ = ['MODES', 'AdapterConfig', 'ResidualAdapter', 'ContextBranch', 'PromptedAdapter', 'PatchTargets', 'patch_targets',
-           'auroc', 'image_auroc', 'predicted_ratio']
+__all__ = ['MODES', 'AdapterConfig', 'ResidualAdapter', 'ContextBranch', 'PromptedAdapter', 'predicted_ratio']
 
 # %% ../nbs/06_gradient_dilution.ipynb #b155d96f
 MODES = ('none', 'full', 'fixed', 'learnable', 'normalized', 'gated')
@@ -107,54 +105,6 @@ class PromptedAdapter(nn.Module):
             out['loop_loss'] = torch.stack([F.binary_cross_entropy_with_logits(l, tgt) for l in loop_logits])
             out['loss'] = out['loop_loss'].mean()
         return out
-
-# %% ../nbs/06_gradient_dilution.ipynb #5c7a5d49
-class PatchTargets:
-    "Cached features and per-patch targets of a referring dataset: batch dicts vision, text, text_mask, target, index."
-    def __init__(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, text_index: torch.Tensor,
-                 target: torch.Tensor):
-        n = len(vision)
-        if not (len(text_index) == len(target) == n):
-            raise ValueError(f"PatchTargets: {n} images, {len(text_index)} prompts, {len(target)} target rows")
-        if target.shape[1] != vision.shape[1] - 1:
-            raise ValueError(f"PatchTargets: {target.shape[1]} target patches, {vision.shape[1] - 1} patch tokens")
-        self.vision, self.text, self.text_mask = vision, text, text_mask
-        self.text_index, self.target = text_index, target
-    def __len__(self): return len(self.vision)
-    def _batch(self, idx: torch.Tensor) -> dict:
-        j = self.text_index[idx]
-        return dict(vision=self.vision[idx], text=self.text[j], text_mask=self.text_mask[j], target=self.target[idx],
-                    index=idx)
-    def loader(self, batch_size: int = 64, shuffle: bool = False, seed: int = 0):
-        "A FeatureLoader over these samples."
-        from vlm_lab.features import FeatureLoader
-        return FeatureLoader(self, batch_size, shuffle, seed)
-
-def patch_targets(dataset, vision_model: nn.Module, text_model: nn.Module, tokenizer) -> PatchTargets:
-    "PatchTargets of a ShapesReferring (split): cached frozen features, targets from the scenes."
-    from vlm_lab.features import text_features, vision_features
-    vision = vision_features(vision_model, dataset)
-    text, mask, index = text_features(text_model, tokenizer, [r['prompt'] for r in dataset.records])
-    target = torch.stack([dataset.cover(i) >= dataset.min_cover for i in range(len(dataset))])
-    return PatchTargets(vision, text, mask, index, target)
-
-def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    "Area under the ROC curve of `scores` for binary `labels` (Mann-Whitney, ties counted half)."
-    s, y = scores.flatten().double(), labels.flatten().bool()
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0: raise ValueError(f"auroc needs both classes, got {n_pos} positives, {n_neg} negatives")
-    order = s.argsort()
-    ranks = torch.empty_like(s)
-    ranks[order] = torch.arange(1, len(s) + 1, dtype=s.dtype)
-    for v in s[order][1:][s[order][1:] == s[order][:-1]].unique():              # average ranks of ties
-        ranks[s == v] = ranks[s == v].mean()
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-def image_auroc(scores: torch.Tensor, target: torch.Tensor) -> float:
-    "Mean over images of the patch AUROC within each image (scores, target: (N, P)); one-class images skipped."
-    vals = [auroc(s, t) for s, t in zip(scores, target) if 0 < int(t.sum()) < t.numel()]
-    if not vals: raise ValueError("image_auroc: no image has both target and other patches")
-    return float(np.mean(vals))
 
 # %% ../nbs/06_gradient_dilution.ipynb #5b75e46a
 def predicted_ratio(model: PromptedAdapter, batch: dict) -> float:
