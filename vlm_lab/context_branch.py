@@ -4,20 +4,58 @@
 
 # %% ../nbs/06_gradient_dilution.ipynb #034a65a7
 from __future__ import annotations
+import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .core import check_choice, check_float, check_int, masked_mean
+from .findings import Params, param
 from .fusion import CrossAttention
 
 # %% auto #0
-__all__ = ['MODES', 'AdapterConfig', 'ResidualAdapter', 'ContextBranch', 'PromptedAdapter', 'predicted_ratio']
+__all__ = ['MODES', 'TEST_SEED', 'GradientDilutionParams', 'AdapterConfig', 'ResidualAdapter', 'ContextBranch', 'PromptedAdapter',
+           'predicted_ratio']
 
 # %% ../nbs/06_gradient_dilution.ipynb #b155d96f
 MODES = ('none', 'full', 'fixed', 'learnable', 'normalized', 'gated')
+TEST_SEED = 10_007      # the test draw's seed: apart from every training seed a run uses
+
+@dataclass
+class GradientDilutionParams(Params):
+    "Parameters of finding GD (06_gradient_dilution); None takes the profile's value."
+    PROFILES: ClassVar = {
+        'quick': dict(modes=','.join(MODES), seeds=5, grad_seeds=8, epochs=8, n_samples=1000, test_size=1000),
+        'full': dict(modes=','.join(MODES), seeds=10, grad_seeds=64, epochs=30, n_samples=4000, test_size=4000)}
+    mode: str = param('normalized', choices=MODES)
+    modes: list[str] = param(None, choices=MODES)
+    ca_weight: float = param(0.1, min=0.0, max=10.0)
+    adapter_weight: float = param(0.1, min=0.0, max=1.0)
+    loops: int = param(3, min=1, max=10)
+    seeds: list[int] = param(None, count=True)
+    grad_seeds: list[int] = param(None, count=True)
+    epochs: int = param(None, min=2)
+    steps: int | None = param(None, min=1)
+    n_samples: int = param(None, min=100)
+    test_size: int = param(None, min=20)
+    lr: float = param(5e-3, min=1e-6, max=1.0)
+    batch_size: int = param(64, min=2)
+
+    @property
+    def steps_per_epoch(self) -> int: return math.ceil(round(0.8 * self.n_samples) / self.batch_size)
+
+    def check(self):
+        if self.mode not in self.modes: self.modes.append(self.mode)
+        if 'none' not in self.modes: self.modes.insert(0, 'none')
+        if self.steps is not None:
+            if 'epochs' in self.given:
+                raise ValueError(f"parameters steps={self.steps} and epochs={self.epochs} are both given: expected one "
+                                 f"training budget (steps is rounded up to whole epochs of {self.steps_per_epoch} "
+                                 f"steps)")
+            self.epochs = max(2, math.ceil(self.steps / self.steps_per_epoch))
 
 @dataclass
 class AdapterConfig:
