@@ -1,4 +1,5 @@
-"Tests of vlm_lab.diagnostics on constructed cases with known answers."
+"""Tests of vlm_lab.diagnostics on constructed cases with known answers, beyond those 04_diagnostics asserts:
+determinism, the loader helpers, copies in the text-only baseline, wider gradient cases, capture on any module."""
 import math
 
 import numpy as np
@@ -8,9 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlm_lab.diagnostics import (MappedLoader, attention_stats, blank_input, capture_attention, collect,
-                                 disabled, feature_diversity, focus_ratio, gate_stats, gradient_ratio, gradient_report,
-                                 layer_index, text_only_baseline, trainable_report, vision_dependency)
+import vlm_lab.diagnostics as diagnostics
+import vlm_lab.train as train
+from vlm_lab.diagnostics import (MappedLoader, blank_input, capture, capture_attention, collect, feature_diversity,
+                                 gate_stats, gradient_ratio, gradient_report, hook_points, text_only_baseline,
+                                 vision_dependency)
+from vlm_lab.fusion import HookPoint
 
 
 class Toy(nn.Module):
@@ -53,24 +57,6 @@ def dl(ds, shuffle=False): return torch.utils.data.DataLoader(ds, batch_size=16,
 
 
 # ---------------------------------------------------------------- vision dependency
-def test_model_ignoring_image_has_zero_drop():
-    vd = vision_dependency(Toy(use_vision=0.0), dl(toy_set()), n_perm=2)
-    assert set(vd['mode']) == {'blank', 'shuffle', 'noise'}
-    assert (vd.drop_abs == 0).all() and (vd.acc_real == vd.acc_ablated).all()
-    assert len(vd) == 3 * 5   # 'all' + 4 question types per mode
-
-
-def test_model_reading_only_image_drops_exactly_as_computed():
-    ds = toy_set()
-    vd = vision_dependency(ReadVision(), dl(ds), modes=('blank', 'shuffle'), n_perm=1, seed=3)
-    a = vd[vd.qtype == 'all'].set_index('mode')
-    assert a.loc['blank', 'acc_real'] == 1.0
-    assert a.loc['blank', 'acc_ablated'] == pytest.approx((ds.t['answer'] == 0).float().mean().item())
-    perm = torch.randperm(120, generator=torch.Generator().manual_seed(3))
-    assert a.loc['shuffle', 'acc_ablated'] == pytest.approx((ds.t['answer'][perm] == ds.t['answer']).float().mean().item())
-    assert a.loc['shuffle', 'drop_rel'] == pytest.approx(a.loc['shuffle', 'drop_abs'] / 1.0)
-
-
 def test_vision_dependency_shuffle_is_whole_dataset_and_deterministic():
     ds = toy_set()
     v1 = vision_dependency(ReadVision(), dl(ds), modes=('shuffle', 'noise'), n_perm=3, seed=1)
@@ -79,23 +65,15 @@ def test_vision_dependency_shuffle_is_whole_dataset_and_deterministic():
     assert (v1.acc_ablated_sd >= 0).all()
 
 
-def test_vision_dependency_errors():
-    with pytest.raises(ValueError, match='cannot stand in'):
-        vision_dependency(ReadVision(), dl(toy_set()), modes=('blank',), blank=torch.zeros(5, 6))
-    with pytest.raises(KeyError, match="'image'"):
-        vision_dependency(ReadVision(), dl(toy_set()), key='image')
-    with pytest.raises(ValueError, match='modes'):
-        vision_dependency(ReadVision(), dl(toy_set()), modes=('mean',))
+def test_vision_dependency_options_are_keyword_only_and_groups_named_by_the_caller():
+    with pytest.raises(TypeError): vision_dependency(ReadVision(), dl(toy_set()), ('blank',))
+    vd = vision_dependency(ReadVision(), dl(toy_set()), modes='blank', qtype_names=['a', 'b', 'c', 'd'])
+    assert vd.qtype.tolist() == ['all', 'a', 'b', 'c', 'd'] and (vd.n[1:] == 30).all()
 
 
 # ---------------------------------------------------------------- prior and text-only baseline
 def test_text_only_baseline():
-    txt = text_only_baseline(dl(toy_set(source='text'), True), dl(toy_set(60, source='text', seed=1)), epochs=8, lr=1e-2)
-    img = text_only_baseline(dl(toy_set(source='vision'), True), dl(toy_set(60, source='vision', seed=1)), epochs=8, lr=1e-2)
-    assert txt['accuracy'] > img['accuracy'] + 0.3
     va = toy_set(60, source='vision', seed=1)
-    abl = text_only_baseline(dl(toy_set(source='vision'), True), dl(va), model=lambda: Toy(use_text=0.0), epochs=2)
-    assert abl['accuracy'] <= torch.bincount(va.t['answer']).max().item() / 60 + 1e-6
     given = Toy(); w = given.head.weight.detach().clone()
     text_only_baseline(dl(toy_set()), dl(va), model=given, epochs=1)
     assert torch.equal(given.head.weight, w)          # the given model is copied, not trained
@@ -127,30 +105,18 @@ class Gated(nn.Module):
         self.head = nn.Sequential(nn.Linear(3, 2))
 
 
-def test_gate_stats_known_values():
+def test_gate_stats_beyond_the_notebook():
     gs = gate_stats(Gated()).set_index('name')
-    assert len(gs) == 7 and pd.isna(gs.loc['gate.gate_logit', 'layer'])
-    assert gs.loc['layers.2.ff_gate', 'layer'] == 2 and gs.loc['layers.2.ff_gate', 'kind'] == 'tanh'
-    assert gs.loc['gate.gate_logit', 'mean'] == pytest.approx(0.625)
-    assert gs.loc['layers.1.attn_gate', 'mean'] == pytest.approx(math.tanh(-1))
-    assert gs.loc['layers.1.attn_gate', 'abs_mean'] == pytest.approx(math.tanh(1))
-    assert gs.loc['layers.0.attn_gate', 'mean'] == 0.0
+    assert len(gs) == 7 and gs.loc['layers.2.ff_gate', 'layer'] == 2 and gs.loc['layers.2.ff_gate', 'kind'] == 'tanh'
     assert len(gate_stats(nn.Linear(2, 2))) == 0
+    raw = gate_stats(Gated(), activations={'ff_gate': 'identity'}).set_index('name')
+    assert raw.loc['layers.1.ff_gate', 'mean'] == 2
+    with pytest.raises(TypeError): gate_stats(Gated(), {'ff_gate': 'identity'})
 
 
-def test_layer_index():
-    m = Gated()
-    assert layer_index(m, 'layers.1.lin.weight') == 1 and layer_index(m, 'head.0.weight') is None
-    assert layer_index(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), '1.weight') == 1   # no ModuleList: first integer
-
-
-def test_trainable_report():
-    m = Gated(); m.layers[0].requires_grad_(False)
-    tr = trainable_report(m)
-    per_layer = tr[tr.module == 'layers'].set_index('layer')
-    assert per_layer.total.tolist() == [14, 14, 14] and per_layer.trainable.tolist() == [0, 14, 14]
-    tot = tr[tr.module == 'total'].iloc[0]
-    assert tot.total == sum(p.numel() for p in m.parameters()) and tot.trainable == tot.total - 14
+def test_trainable_report_has_one_implementation():
+    "The diagnostics re-use train's report (train may not import diagnostics), not a copy of it."
+    assert diagnostics.trainable_report is train.trainable_report and diagnostics.layer_index is train.layer_index
 
 
 # ---------------------------------------------------------------- feature diversity
@@ -214,47 +180,51 @@ def test_gradient_report_groups_and_no_side_effects():
         gradient_report(m, batch, groups={'x': 'nothing'})
 
 
-def test_disabled_zeroes_output_and_restores():
-    m = TwoBranch()
-    x = {'x': torch.ones(2, 1), 't': torch.zeros(2, 1)}
-    with disabled(m.branch):
-        assert m(x)['logits'].detach().tolist() == [[1.0], [1.0]]
-    assert m(x)['logits'].detach().tolist() == [[3.0], [3.0]]
-
-
-# ---------------------------------------------------------------- attention
-def test_attention_stats_known_cases():
-    n = 16                                                   # 1/16 is exact in float32
-    u = torch.full((3, 2, 4, n), 1 / n)
-    s = attention_stats(u)
-    assert s['entropy'] == pytest.approx(math.log(n), abs=1e-12) and s['max_entropy'] == pytest.approx(math.log(n))
-    assert s['max_attention'] == pytest.approx(1 / n) and s['norm_entropy'] == pytest.approx(1.0)
-    oh = F.one_hot(torch.randint(0, n, (3, 2, 4)), n).float()
-    assert attention_stats(oh)['entropy'] == 0.0 and attention_stats(oh)['max_attention'] == 1.0
-    assert focus_ratio(oh, u) == pytest.approx(n)
-    with pytest.raises(ValueError, match='summing to 1'):
-        attention_stats(torch.randn(2, 5))
-
-
+# ---------------------------------------------------------------- attention and capture
 class Attn(nn.Module):
+    "One-head self-attention of any model of one's own, with its own hook points."
     def __init__(self):
-        super().__init__(); self.store_attention, self.last_attention = False, None
+        super().__init__(); self.hook_attn, self.hook_resid_post = HookPoint(), HookPoint()
 
-    def forward(self, x):                                    # (B, L, d) self-attention, one head
-        a = (x @ x.transpose(-1, -2)).softmax(-1)[:, None]  # (B, 1, L, L)
-        if self.store_attention: self.last_attention = a
-        return x + a[:, 0] @ x
+    def forward(self, x):                                    # (B, L, d)
+        a = self.hook_attn((x @ x.transpose(-1, -2)).softmax(-1)[:, None])  # (B, 1, L, L)
+        return self.hook_resid_post(x + a[:, 0] @ x)
 
 
-def test_capture_attention():
+def test_capture_attention_on_any_module():
     m = nn.Sequential(Attn(), nn.Linear(4, 4), Attn())
-    m[2].store_attention = True
     with capture_attention(m) as cap:
         m(torch.randn(2, 5, 4)); m(torch.randn(3, 5, 4))
-    assert list(cap) == ['0', '2'] and cap.cat('0').shape == (5, 1, 5, 5)
-    assert m[0].store_attention is False and m[2].store_attention is True
+    assert list(cap) == ['0.hook_attn', '2.hook_attn'] and cap.cat('0.hook_attn').shape == (5, 1, 5, 5)
     st = cap.stats()
     assert st.passes.tolist() == [2, 2] and (st.entropy <= st.max_entropy + 1e-9).all()
-    m(torch.randn(2, 5, 4)); assert len(cap['0']) == 2        # hooks removed
-    with pytest.raises(ValueError, match='store_attention'):
+    m(torch.randn(2, 5, 4)); assert len(cap['0.hook_attn']) == 2        # hooks removed
+    with capture_attention(m, ['2.hook_attn']) as cap:                  # exact names
+        m(torch.randn(2, 5, 4))
+    assert list(cap) == ['2.hook_attn']
+    with pytest.raises(ValueError, match='Linear has no HookPoint'):
         with capture_attention(nn.Linear(2, 2)): pass
+
+
+def test_capture_records_copies_and_per_layer_gradient_coverage():
+    "The gradient recorded at each residual stream equals autograd's; a later in-place change does not alter a record."
+    torch.manual_seed(0)
+    m = nn.Sequential(Attn(), Attn(), Attn())
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    with capture(m, '*.hook_resid_post', grad=True) as cap:
+        mids = []
+        h = m[1].hook_resid_post.register_forward_hook(lambda mod, i, o: mids.append(o))
+        y = m(x)
+        h.remove()
+        g_ref, = torch.autograd.grad((y ** 2).sum(), mids[0], retain_graph=True)
+        (y ** 2).sum().backward()
+    assert list(cap.grads) == ['0.hook_resid_post', '1.hook_resid_post', '2.hook_resid_post']
+    torch.testing.assert_close(cap.grads['1.hook_resid_post'][0], g_ref)
+    torch.testing.assert_close(cap.grads['2.hook_resid_post'][0], 2 * y.detach())      # d(y^2)/dy at the output
+    with torch.no_grad(): y.mul_(0)
+    assert cap['2.hook_resid_post'][0].abs().sum() > 0                                  # a copy, not the live tensor
+    with torch.no_grad(), capture(m, grad=True) as cap:                                 # no graph: nothing flows back
+        m(x)
+    assert sorted(cap) == sorted(hook_points(m)) and all(v == [] for v in cap.grads.values())
+    with pytest.raises(ValueError, match=r"\['\*hook_q'\]"):
+        with capture(m, ['*hook_attn', '*hook_q']): pass

@@ -1,5 +1,7 @@
-"vlm_lab.train beyond 03_train: precision fallback in fit, integer warm-up, clip log, resume errors, inf loss, logits only."
-import math
+"""vlm_lab.train beyond 03_train: precision fallback in fit, integer warm-up, clip log, resume errors, inf loss, logits
+only, gathered evaluation, metric objects in the config, and that train knows nothing of the lab's data."""
+import ast, dataclasses, math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlm_lab.train import CHECKPOINT_NAME, fit, resolve_precision
+import vlm_lab.train as train
+from vlm_lab.train import (CHECKPOINT_NAME, Accuracy, GroupAccuracy, Loss, TrainConfig, batch_size_of, evaluate, fit,
+                           resolve_precision)
 
 
 class ToyVQA(nn.Module):
@@ -83,6 +87,8 @@ def test_resume_refuses_other_settings_and_missing_files(tmp_path):
     assert (tmp_path / CHECKPOINT_NAME).is_file()
     with pytest.raises(ValueError, match="'lr'"):
         fit(ToyVQA(), *loaders(), **{**kw, 'lr': 1e-3}, resume=True)
+    with pytest.raises(ValueError, match="'lr_groups'"):                # another trainable set / rate is another run
+        fit(ToyVQA(), *loaders(), **kw, lr_groups={'head.*': 1e-2}, resume=True)
     with pytest.raises(FileNotFoundError, match='nothing'):
         fit(ToyVQA(), *loaders(), epochs=1, resume=tmp_path / 'nothing')
     r = fit(ToyVQA(), *loaders(), resume=True, **kw)                  # the same settings continue from epoch 1
@@ -120,3 +126,52 @@ def test_model_returning_only_logits_and_loss_fn():
         return F.cross_entropy(out['logits'], batch['answer'])
     fit(ToyVQA(), tr, epochs=1, loss_fn=loss_fn)
     assert len(calls) == len(tr)
+
+def test_evaluate_gathers_every_batch_and_never_predicts(monkeypatch):
+    "`gather` (accelerate's gather_for_metrics under several processes) sees every tensor; evaluate never concatenates."
+    monkeypatch.setattr(train, 'predict', lambda *a, **k: pytest.fail('evaluate called predict'))
+    torch.manual_seed(0)
+    m, (_, va) = ToyVQA(), loaders()
+    one = evaluate(m, va)
+    two = evaluate(m, va, gather=lambda t: torch.cat([t, t]))     # as if a second process held the same samples
+    assert two['n'] == 2 * one['n'] == 128
+    assert two['accuracy'] == one['accuracy'] and two['per_qtype'] == one['per_qtype']
+    assert two['loss'] == pytest.approx(one['loss'], rel=1e-6)
+
+
+def test_metric_object_in_config_and_group_names_in_history():
+    class Margin:
+        "Mean top-1 minus top-2 logit, per sample."
+        def __init__(self): self.s, self.n = 0.0, 0
+        def update(self, out, batch):
+            top = out['logits'].topk(2, dim=-1).values
+            self.s += float((top[:, 0] - top[:, 1]).sum()); self.n += len(top)
+        def compute(self): return dict(margin=self.s / self.n)
+    tr, va = loaders()
+    cfg = TrainConfig(epochs=2, metric=Margin(), mode='max')
+    assert cfg.metric_name == 'Margin' and cfg.goal == 'max'
+    r = fit(ToyVQA(), tr, va, cfg, metrics=[Loss(), GroupAccuracy(names=['w', 'x', 'y', 'z'])])
+    assert r.best_metric == r.history.val_margin.max()
+    assert [c for c in r.history.columns if c.startswith('val_')] == \
+        ['val_loss', 'val_acc_w', 'val_acc_x', 'val_acc_y', 'val_acc_z', 'val_margin']
+    with pytest.raises(ValueError, match='dataclasses.replace'):
+        fit(ToyVQA(), tr, va, cfg, epochs=3)
+    r = fit(ToyVQA(), tr, va, dataclasses.replace(cfg, epochs=1))
+    assert len(r.history) == 1
+    with pytest.raises(ValueError, match="metric='accuracy'"):         # the metrics given do not return it
+        fit(ToyVQA(), tr, va, epochs=1, metrics=[Loss()])
+
+
+def test_batch_size_without_answers():
+    assert batch_size_of({'tokens': torch.zeros(3, 7), 'answer': torch.zeros(3)}) == 3
+    assert batch_size_of({'scale': torch.tensor(2.0), 'x': torch.zeros(5, 2)}) == 5
+    with pytest.raises(ValueError, match='no tensors'):
+        batch_size_of({'names': ['a', 'b']})
+
+
+def test_train_does_not_import_the_data_module():
+    "Group names come from the caller: vlm_lab.train knows no dataset."
+    tree = ast.parse(Path(train.__file__).read_text())
+    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m.endswith('data') for m in mods) and not any('diagnostics' in m for m in mods)

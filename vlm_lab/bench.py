@@ -5,7 +5,7 @@
 # %% ../nbs/11_performance.ipynb #b075c416
 from __future__ import annotations
 import argparse, contextlib, os, re, sys, time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -273,7 +273,7 @@ def bench_seeds(seeds: int = 2, epochs: int = 2, n: int = 3000, depths=(2, 4), d
     def train(cond, seed):
         torch.manual_seed(seed)
         model = VQAModel(fd_config(cond['depth'], d_model))
-        fit(model, train_dl, val_dl, cfg, seed=seed)
+        fit(model, train_dl, val_dl, replace(cfg, seed=seed))
         return model
     measure = lambda model, cond, seed: dict(accuracy=evaluate(model, test_dl)['accuracy'])
     conds = {f'depth {d}': dict(depth=d) for d in depths}

@@ -93,7 +93,7 @@ class ContextBranch(nn.Module):
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 16, mode: str = 'fixed', ca_weight: float = 0.1):
         super().__init__()
         self.mode = check_choice('mode', mode, [m for m in MODES if m != 'none'])
-        self.attn = CrossAttention(dim, heads, dim_head)
+        self.attn = CrossAttention(dim, heads=heads, dim_head=dim_head)
         for lin in (self.attn.to_q, self.attn.to_kv, self.attn.to_out):
             nn.init.xavier_uniform_(lin.weight)                                   # the note's initialisation
         self.ctx_norm = nn.LayerNorm(dim) if mode == 'normalized' else nn.Identity()
@@ -122,7 +122,7 @@ class PromptedAdapter(nn.Module):
         self.patch_proj = nn.Linear(c.vision_dim, c.proj_dim)
         self.text_proj = nn.Linear(c.vision_dim, c.proj_dim)
         self.bias = nn.Parameter(torch.zeros(1))
-        self.refine = CrossAttention(c.vision_dim, c.heads, c.dim_head) if c.loops > 1 else None
+        self.refine = CrossAttention(c.vision_dim, heads=c.heads, dim_head=c.dim_head) if c.loops > 1 else None
 
     def forward(self, batch) -> dict:
         "batch(vision (B, 1+P, Dv), text (B, L, Dt), text_mask, [target (B, P)]) -> logits of every loop, [loss]."

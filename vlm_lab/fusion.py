@@ -14,13 +14,19 @@ from torch import nn
 from .core import check_bool, check_float, check_int, masked_mean
 
 # %% auto #0
-__all__ = ['CrossAttention', 'FeedForward', 'GatedCrossAttentionBlock', 'block_param_count', 'FusionStack', 'VisionGate',
-           'VQAConfig', 'VQAModel', 'vqa_param_count', 'grow_fusion']
+__all__ = ['HookPoint', 'CrossAttention', 'FeedForward', 'GatedCrossAttentionBlock', 'block_param_count', 'FusionStack',
+           'VisionGate', 'VQAConfig', 'VQAModel', 'vqa_param_count', 'grow_fusion']
 
 # %% ../nbs/02b_fusion.ipynb #124d6af4
+class HookPoint(nn.Identity):
+    "An identity module that marks a tensor for forward hooks (as TransformerLens's HookPoint): diagnostics read it."
+    def has_hooks(self) -> bool:
+        "Whether a forward hook is registered here (a module may skip computing what only a hook reads)."
+        return bool(self._forward_hooks)
+
 class CrossAttention(nn.Module):
-    "Multi-head attention of (pre-LayerNormed) queries x over keys/values `media`, SDPA or explicit probabilities."
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0):
+    "Multi-head attention of (pre-LayerNormed) queries x over keys/values `media` through SDPA, with hook points."
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, dropout: float = 0.0):
         super().__init__()
         self.heads, self.dim_head, self.scale = heads, dim_head, dim_head ** -0.5
         inner = heads * dim_head
@@ -29,28 +35,28 @@ class CrossAttention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
-        self.store_attention, self.last_attention = False, None
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn = HookPoint()   # (B, h, L, Nv) probabilities, computed only while a hook is registered here
+        self.hook_out = HookPoint()    # (B, h, L, dh) per-head output, before the heads are merged and to_out
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L, _ = x.shape
         h, dh = self.heads, self.dim_head
-        q = self.to_q(self.norm(x)).view(B, L, h, dh).transpose(1, 2)            # (B, h, L, dh)
+        q = self.hook_q(self.to_q(self.norm(x)).view(B, L, h, dh).transpose(1, 2))   # (B, h, L, dh)
         k, v = self.to_kv(media).chunk(2, dim=-1)                                 # (B, Nv, h*dh) each
-        k = k.view(B, -1, h, dh).transpose(1, 2)
-        v = v.view(B, -1, h, dh).transpose(1, 2)  # (B, h, Nv, dh)
+        k = self.hook_k(k.view(B, -1, h, dh).transpose(1, 2))                     # (B, h, Nv, dh)
+        v = self.hook_v(v.view(B, -1, h, dh).transpose(1, 2))                     # (B, h, Nv, dh)
         mask = None if media_mask is None else media_mask.bool()[:, None, None, :]  # (B, 1, 1, Nv), True = attend
-        if self.store_attention:
-            sim = (q @ k.transpose(-1, -2)) * self.scale                          # (B, h, L, Nv)
-            if mask is not None: sim = sim.masked_fill(~mask, float('-inf'))
-            attn = sim.softmax(dim=-1)
-            self.last_attention = attn.detach()
-            out = attn @ v                                                        # (B, h, L, dh)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)         # (B, h, L, dh)
-        out = out.transpose(1, 2).reshape(B, L, h * dh)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)             # (B, h, L, dh)
+        if self.hook_attn.has_hooks():                                            # what SDPA used, for the hook
+            with torch.no_grad():
+                sim = (q @ k.transpose(-1, -2)) * self.scale                      # (B, h, L, Nv)
+                if mask is not None: sim = sim.masked_fill(~mask, float('-inf'))
+                self.hook_attn(sim.softmax(dim=-1))
+        out = self.hook_out(out).transpose(1, 2).reshape(B, L, h * dh)
         return self.dropout(self.to_out(out))                                     # (B, L, d)
 
-def FeedForward(dim: int, mult: float = 4, dropout: float = 0.0) -> nn.Sequential:
+def FeedForward(dim: int, *, mult: float = 4, dropout: float = 0.0) -> nn.Sequential:
     "Pre-LayerNorm MLP without biases, as in flamingo-pytorch (indices 0, 1, 3 hold the weights)."
     inner = int(dim * mult)
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
@@ -58,29 +64,31 @@ def FeedForward(dim: int, mult: float = 4, dropout: float = 0.0) -> nn.Sequentia
 
 class GatedCrossAttentionBlock(nn.Module):
     "Flamingo block: tanh-gated cross-attention (text -> vision) then tanh-gated feed-forward; identity at init."
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, ff_mult: float = 4, dropout: float = 0.0):
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, ff_mult: float = 4, dropout: float = 0.0):
         super().__init__()
-        self.attn = CrossAttention(dim, heads, dim_head, dropout)
+        self.attn = CrossAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout)
         self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff = FeedForward(dim, ff_mult, dropout)
+        self.ff = FeedForward(dim, mult=ff_mult, dropout=dropout)
         self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.hook_resid_pre, self.hook_resid_post = HookPoint(), HookPoint()   # (B, L, d) before / after the block
 
     def forward(self, x, media, media_mask=None):                                 # x (B, L, d), media (B, Nv, d)
+        x = self.hook_resid_pre(x)
         x = x + self.attn(x, media, media_mask) * self.attn_gate.tanh()
-        return x + self.ff(x) * self.ff_gate.tanh()
+        return self.hook_resid_post(x + self.ff(x) * self.ff_gate.tanh())
 
-def block_param_count(dim: int, heads: int = 8, dim_head: int = 64, ff_mult: float = 4) -> int:
+def block_param_count(dim: int, *, heads: int = 8, dim_head: int = 64, ff_mult: float = 4) -> int:
     "Closed-form parameter count of one GatedCrossAttentionBlock: 4d + 4·d·h·dh + 2·d·⌊m·d⌋ + 2."
     return 4 * dim + 4 * dim * heads * dim_head + 2 * dim * int(dim * ff_mult) + 2
 
 # %% ../nbs/02b_fusion.ipynb #9e7bfbb4
 class FusionStack(nn.Module):
     "`num_layers` gated cross-attention blocks, stored as `layers.0 ... layers.{n-1}`; optional gradient checkpointing."
-    def __init__(self, num_layers: int, dim: int, heads: int = 8, dim_head: int = 64, ff_mult: float = 4,
+    def __init__(self, num_layers: int, dim: int, *, heads: int = 8, dim_head: int = 64, ff_mult: float = 4,
                  dropout: float = 0.0):
         super().__init__()
-        self.layers = nn.ModuleList([GatedCrossAttentionBlock(dim, heads, dim_head, ff_mult, dropout)
-                                     for _ in range(num_layers)])
+        self.layers = nn.ModuleList([GatedCrossAttentionBlock(dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult,
+                                                              dropout=dropout) for _ in range(num_layers)])
         self.gradient_checkpointing = False   # recompute each block in the backward pass; fit() switches it on
     def forward(self, x, media, media_mask=None):                                 # x (B, L, d), media (B, Nv, d)
         for layer in self.layers:
@@ -91,7 +99,7 @@ class FusionStack(nn.Module):
 
 class VisionGate(nn.Module):
     "Sigmoid gate on vision tokens: x * sigmoid(gate_logit), one logit per channel (or one in all), init `init`."
-    def __init__(self, dim: int, init: float = 1.5, per_channel: bool = True):
+    def __init__(self, dim: int, *, init: float = 1.5, per_channel: bool = True):
         super().__init__()
         self.gate_logit = nn.Parameter(torch.full((dim if per_channel else 1,), float(init)))
     def gate(self) -> torch.Tensor: return torch.sigmoid(self.gate_logit)
@@ -127,25 +135,30 @@ class VQAConfig:
 
 class VQAModel(nn.Module):
     "Flamingo-style VQA: text tokens cross-attend to (projected, gated) vision tokens; pooled text -> answer logits."
+    # hook points: hook_media (B, Nv, d) the vision tokens the fusion sees, hook_fused (B, L, d) the fused text tokens
     def __init__(self, config: VQAConfig | None = None, **kw):
         super().__init__()
         c = self.config = config if config is not None else VQAConfig(**kw)
         if config is not None and kw: self.config = c = VQAConfig(**{**asdict(config), **kw})
         self.vision_proj = nn.Linear(c.vision_dim, c.d_model)
-        self.vision_gate = VisionGate(c.d_model, c.gate_init, c.per_channel_gate) if c.vision_gate else None
+        self.vision_gate = (VisionGate(c.d_model, init=c.gate_init, per_channel=c.per_channel_gate) if c.vision_gate
+                            else None)
         self.text_proj = nn.Linear(c.text_dim, c.d_model) if c.text_dim != c.d_model else nn.Identity()
-        self.fusion = FusionStack(c.num_layers, c.d_model, c.heads, c.dim_head, c.ff_mult, c.dropout)
+        self.fusion = FusionStack(c.num_layers, c.d_model, heads=c.heads, dim_head=c.dim_head, ff_mult=c.ff_mult,
+                                  dropout=c.dropout)
         if c.head_hidden:
             self.head = nn.Sequential(nn.LayerNorm(c.d_model), nn.Linear(c.d_model, c.head_hidden), nn.GELU(),
                                       nn.Dropout(c.dropout), nn.Linear(c.head_hidden, c.n_answers))
         else:
             self.head = nn.Sequential(nn.LayerNorm(c.d_model), nn.Linear(c.d_model, c.n_answers))
+        self.hook_media, self.hook_fused = HookPoint(), HookPoint()
         self.vision_backbone = self.text_backbone = None
 
     # -- backbones (optional: only for raw images / token ids) --
-    def attach_backbones(self, vision: nn.Module | None = None, text: nn.Module | None = None,
+    def attach_backbones(self, vision: nn.Module | None = None, text: nn.Module | None = None, *,
                          freeze: bool = True) -> 'VQAModel':
-        "Attach a VisionEncoder and/or a BertModel-like text backbone so batches may hold raw images / token ids."
+        """Attach a VisionEncoder and/or a BertModel-like text backbone so batches may hold raw images / token ids;
+        `freeze` freezes them whole (unfreeze parts later with `vlm_lab.train.set_trainable`)."""
         c = self.config
         if vision is not None:
             d = getattr(vision, 'hidden_size', None) or vision.config.hidden_size
@@ -162,7 +175,7 @@ class VQAModel(nn.Module):
         return self
 
     def train(self, mode: bool = True):
-        "Train mode for the fusion model; fully frozen backbones stay in eval mode (no dropout in frozen features)."
+        "Train mode for the fusion model; fully frozen backbones stay in eval mode, partly trainable ones train."
         super().train(mode)
         for b in (self.vision_backbone, self.text_backbone):
             if b is not None and not any(p.requires_grad for p in b.parameters()): b.eval()
@@ -197,13 +210,8 @@ class VQAModel(nn.Module):
             return out.last_hidden_state, am.bool()
         raise KeyError(f"batch needs 'text' (B, L, Dt) features or 'input_ids'; it has {sorted(batch)}")
 
-    # -- diagnostics hooks --
-    def attention_modules(self) -> list[CrossAttention]:
-        "The cross-attention modules, first layer first."
-        return [m for m in self.modules() if isinstance(m, CrossAttention)]
-
-    def forward(self, batch: Mapping, return_attention: bool = False) -> dict:
-        "batch dict -> dict(logits (B, n_answers), pooled (B, d)[, loss][, attention: list of (B, h, L, Nv)])."
+    def forward(self, batch: Mapping) -> dict:
+        "batch dict -> dict(logits (B, n_answers), pooled (B, d)[, loss])."
         vis = self.encode_vision(batch)                                           # (B, Nv, Dv)
         txt, mask = self.encode_text(batch)                                       # (B, L, Dt), (B, L)
         c = self.config
@@ -213,16 +221,11 @@ class VQAModel(nn.Module):
             raise ValueError(f"text features have width {txt.shape[-1]}, VQAConfig.text_dim={c.text_dim}")
         v = self.vision_proj(vis)                                                 # (B, Nv, d)
         if self.vision_gate is not None: v = self.vision_gate(v)
+        v = self.hook_media(v)
         x = self.text_proj(txt)                                                   # (B, L, d)
-        mods = self.attention_modules() if return_attention else []
-        before = [m.store_attention for m in mods]
-        for m in mods: m.store_attention = True
-        try: x = self.fusion(x, v, batch.get('vision_mask'))                      # (B, L, d)
-        finally:
-            for m, s in zip(mods, before): m.store_attention = s
+        x = self.hook_fused(self.fusion(x, v, batch.get('vision_mask')))          # (B, L, d)
         pooled = masked_mean(x, mask)                                             # (B, d)
         out = dict(logits=self.head(pooled), pooled=pooled)
-        if return_attention: out['attention'] = [m.last_attention for m in mods]
         if 'answer' in batch:
             y = batch['answer']
             if y.numel() and (y.min() < 0 or y.max() >= c.n_answers):
@@ -237,14 +240,14 @@ def vqa_param_count(c: VQAConfig) -> int:
     n = c.vision_dim * d + d                                                      # vision_proj
     n += (d if c.per_channel_gate else 1) if c.vision_gate else 0               # vision gate
     n += c.text_dim * d + d if c.text_dim != d else 0                            # text_proj
-    n += c.num_layers * block_param_count(d, c.heads, c.dim_head, c.ff_mult)    # fusion
+    n += c.num_layers * block_param_count(d, heads=c.heads, dim_head=c.dim_head, ff_mult=c.ff_mult)   # fusion
     n += 2 * d + (d * c.head_hidden + c.head_hidden + c.head_hidden * c.n_answers + c.n_answers if c.head_hidden
                   else d * c.n_answers + c.n_answers)                            # head
     return n
 
 # %% ../nbs/02b_fusion.ipynb #bddd6d9d
 def grow_fusion(model_or_state: VQAModel | Mapping[str, torch.Tensor], num_layers: int,
-                config: VQAConfig | None = None, seed: int | None = None) -> VQAModel:
+                config: VQAConfig | None = None, *, seed: int | None = None) -> VQAModel:
     "A VQAModel with `num_layers` fusion layers warm-started from a shallower model (or its state dict + `config`)."
     if isinstance(model_or_state, VQAModel):
         config = config or model_or_state.config
