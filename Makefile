@@ -6,7 +6,7 @@ PYTHON ?= python3
 NB     ?= 05_fusion_depth
 PARAMS ?= -p layers 4
 
-.PHONY: setup test nbtest pytest run bench lab export clean
+.PHONY: setup test nbtest pytest stability run bench lab export clean
 setup: $(VENV)/.installed
 
 # torch first and pinned: 2.13.0 is a CPU build that installs fast; a bare `torch` could pull a multi-GB CUDA build.
@@ -23,7 +23,10 @@ nbtest: setup
 	$(BIN)/nbdev_test --n_workers 1
 
 pytest: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not slow"
+
+stability: setup                     ## each finding's quick verdicts rerun with other seeds and rounding (~15 min)
+	$(PY) -m pytest -q -s tests/test_stability.py -m slow
 
 run: setup                           ## rerun a notebook with papermill: make run NB=01_data PARAMS="-p seed 1"
 	mkdir -p runs

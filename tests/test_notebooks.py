@@ -73,7 +73,7 @@ def test_fusion_depth_small_run(tmp_path, layers):
         [('base', 2), ('deep', layers), ('low gate', 2), ('scratch half', layers), ('warm', layers)])
     rows = {r['claim']: r for r in rec['verdicts']}
     check_table(rec['verdicts'], 'FD')
-    assert all(r['verdict'] == 'inconclusive' for r in rec['verdicts'] if r['kind'] in NOISY)   # 2 seeds decide nothing
+    assert all(r['verdict'] in ('inconclusive', 'not tested') for r in rec['verdicts'] if r['kind'] in NOISY)
     assert 'max |logit change| 0.0e+00' in rows['FD-9 loading']['measured']    # the mechanism: a grown model is exact
     assert rows['FD-6']['verdict'] == 'inconclusive'                   # the plausible shapes give 8.4M to 25.2M
     assert rows['FD-8']['verdict'] == 'not tested'                                 # no grid in this run

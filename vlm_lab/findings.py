@@ -22,9 +22,9 @@ from .core import (CI, check_bool, check_choice, check_float, check_int, check_s
 
 # %% auto #0
 __all__ = ['MIN_SAMPLES', 'POWER', 'VERDICTS', 'TABLE_COLUMNS', 'bootstrap_ci', 'ci95', 'decides', 'verdict_range',
-           'verdict_direction', 'verdict_equivalence', 'claim_verdict', 'decide_power', 'seeds_to_resolve',
-           'simulate_rules', 'VerdictTable', 'verdict_changes', 'param', 'Params', 'Grid', 'default_workers',
-           'run_grid']
+           'verdict_direction', 'verdict_equivalence', 'claim_verdict', 'decide_power', 'replication',
+           'seeds_to_resolve', 'simulate_rules', 'VerdictTable', 'verdict_changes', 'param', 'Params', 'Grid',
+           'default_workers', 'run_grid']
 
 # %% ../nbs/04b_findings.ipynb #b958af2e
 def bootstrap_ci(values: Sequence[float], stat: Callable = np.mean, *, n_boot: int = 2000, seed: int = 0,
@@ -95,6 +95,12 @@ def decide_power(mean: float, sd: float, n: int, low: float, high: float, conf: 
     p = stats.norm.cdf((high - h - mean) / se) - stats.norm.cdf((low + h - mean) / se)
     return float(np.clip(p, 0, None).mean())
 
+def replication(values: Sequence[float], claim: Claim) -> float:
+    "P(a rerun with as many new samples gives the verdict these values point to), at their mean and spread."
+    x = np.asarray(values, dtype=float)
+    if x.size < 2 or x.std(ddof=1) == 0: return float('nan')
+    return decide_power(float(x.mean()), float(x.std(ddof=1)), x.size, *_target(claim, float(x.mean())))
+
 def seeds_to_resolve(values: Sequence[float], claim: Claim, *, power: float = POWER, max_n: int = 10_000) -> int | None:
     "Smallest n (>= MIN_SAMPLES) at which the verdict the observed mean points to comes out with `power` (None: never)."
     x = np.asarray(values, dtype=float)
@@ -124,7 +130,7 @@ def simulate_rules(n: int, *, effect: float = 0.0, draws: int = 20_000, seed: in
 # %% ../nbs/04b_findings.ipynb #d3879365
 VERDICTS = ('reproduced', 'refuted', 'inconclusive', 'mechanism', 'measured', 'not tested')
 TABLE_COLUMNS = ['claim', 'note', 'measured', 'n', 'verdict', 'why', 'noise', 'figure', 'mean', 'lo', 'hi', 'kind',
-                 'id', 'condition']
+                 'id', 'condition', 'replicates']
 
 def _lazy(x): return x() if callable(x) else x
 
@@ -141,7 +147,7 @@ class VerdictTable:
         return claim
 
     def _row(self, claim, verdict, *, ci=None, measured=None, why='', noise=None, figure=None, digits=1,
-             condition=None):
+             condition=None, replicates=float('nan')):
         name = f"{claim.key} [{condition}]" if condition else claim.key
         if any(r['claim'] == name for r in self.rows): raise ValueError(f"claim {name} has a row already")
         if measured is None and ci is not None:
@@ -151,7 +157,7 @@ class VerdictTable:
                               verdict=verdict, why=why, noise=self.noise if noise is None else noise,
                               figure=str(getattr(figure, 'name', figure or '')), mean=ci.mean if ci else nan,
                               lo=ci.lo if ci else nan, hi=ci.hi if ci else nan, kind=claim.kind, id=claim.id,
-                              condition=condition or ''))
+                              condition=condition or '', replicates=replicates))
         return verdict
 
     def _untested(self, claim, needs, condition=None) -> str | None:
@@ -170,7 +176,11 @@ class VerdictTable:
         if claim.kind == 'measured':
             return self._row(claim, 'measured', ci=ci, why='; '.join(notes or ["the note's number describes its own "
                              "data"]), noise=noise, figure=figure, digits=digits, condition=condition)
-        verdict = claim_verdict(claim, ci)
+        verdict, replicates = claim_verdict(claim, ci), float('nan')
+        if verdict != 'inconclusive' and values is not None:
+            replicates = replication(values, claim)
+            notes.append(f"{'fragile: ' if replicates < POWER else ''}a rerun with other {samples} decides the same "
+                         f"~{replicates:.0%} of the time")
         if verdict == 'inconclusive':
             if ci.n < MIN_SAMPLES: notes.append(f"{ci.n} {samples}: a verdict needs at least {MIN_SAMPLES}")
             elif not ci.hi > ci.lo: notes.append(f"no spread over {samples}: a deterministic quantity decides nothing "
@@ -181,7 +191,7 @@ class VerdictTable:
                              if n else f"more {samples} would not decide it at this mean")
             else: notes.append(f"more {samples} would narrow the interval")
         return self._row(claim, verdict, ci=ci, why='; '.join(notes), noise=noise, figure=figure, digits=digits,
-                         condition=condition)
+                         condition=condition, replicates=replicates)
 
     def add_values(self, key: str, values: Sequence[float] | Callable[[], Sequence[float]], *,
                    samples: str = 'seeds', **kw) -> str:
@@ -389,7 +399,11 @@ def default_workers() -> int:
 def run_grid(conditions: Mapping[str, Mapping], seeds: Sequence[int], train: Callable[[dict, int], Any],
              measure: Callable[[Any, dict, int], Mapping], *, keep: Callable[[Any], Any] | None = None,
              workers: int | None = None, progress: bool = True, desc: str = 'runs') -> Grid:
-    "Run `train` then `measure` for every named condition x seed (in parallel processes on CPU); a tidy Grid."
+    """Run `train` then `measure` for every named condition x seed (in parallel processes on CPU); a tidy Grid.
+
+    `conditions` maps a name to the condition's fields. `train(condition, seed)` gets the fields plus 'condition'
+    (the name) and returns anything; `measure(trained, condition, seed)` returns a dict of metrics; `keep(trained)`
+    returns what the notebook gets back in `grid.kept[name, seed]` (e.g. a state dict)."""
     global _GRID_TASK
     if not isinstance(conditions, Mapping):
         raise TypeError("run_grid takes named conditions, e.g. {'base': dict(depth=2), 'deep': dict(depth=4)}")
