@@ -21,10 +21,10 @@ from .core import (CI, check_bool, check_choice, check_float, check_int, check_s
                           save_result)
 
 # %% auto #0
-__all__ = ['MIN_SAMPLES', 'POWER', 'VERDICTS', 'TABLE_COLUMNS', 'bootstrap_ci', 'ci95', 'decides', 'verdict_range',
-           'verdict_direction', 'verdict_equivalence', 'claim_verdict', 'decide_power', 'replication',
-           'seeds_to_resolve', 'simulate_rules', 'VerdictTable', 'verdict_changes', 'param', 'Params', 'Grid',
-           'default_workers', 'run_grid']
+__all__ = ['MIN_SAMPLES', 'ROBUST_SAMPLES', 'POWER', 'VERDICTS', 'TABLE_COLUMNS', 'bootstrap_ci', 'ci95', 'decides',
+           'verdict_range', 'verdict_direction', 'verdict_equivalence', 'claim_verdict', 'decide_power', 'robust',
+           'replication', 'seeds_to_resolve', 'simulate_rules', 'VerdictTable', 'verdict_changes', 'param', 'Params',
+           'Grid', 'default_workers', 'run_grid']
 
 # %% ../nbs/04b_findings.ipynb #b958af2e
 def bootstrap_ci(values: Sequence[float], stat: Callable = np.mean, *, n_boot: int = 2000, seed: int = 0,
@@ -44,6 +44,7 @@ def ci95(values) -> tuple[float, float]:
 
 # %% ../nbs/04b_findings.ipynb #1c737b8d
 MIN_SAMPLES = 5
+ROBUST_SAMPLES = 8      # below this a decided verdict is fragile whatever its margin (see the simulation below)
 POWER = 0.8
 
 def decides(ci: CI) -> bool:
@@ -94,6 +95,12 @@ def decide_power(mean: float, sd: float, n: int, low: float, high: float, conf: 
     se = sd / math.sqrt(n)
     p = stats.norm.cdf((high - h - mean) / se) - stats.norm.cdf((low + h - mean) / se)
     return float(np.clip(p, 0, None).mean())
+
+def robust(row: Mapping) -> bool:
+    "Whether a table row's verdict is decided and robust: at least ROBUST_SAMPLES samples and replication >= POWER."
+    rep = row.get('replicates')
+    return (row.get('verdict') in ('reproduced', 'refuted') and row.get('n', 0) >= ROBUST_SAMPLES
+            and rep is not None and rep == rep and rep >= POWER)
 
 def replication(values: Sequence[float], claim: Claim) -> float:
     "P(a rerun with as many new samples gives the verdict these values point to), at their mean and spread."
@@ -179,8 +186,10 @@ class VerdictTable:
         verdict, replicates = claim_verdict(claim, ci), float('nan')
         if verdict != 'inconclusive' and values is not None:
             replicates = replication(values, claim)
-            notes.append(f"{'fragile: ' if replicates < POWER else ''}a rerun with other {samples} decides the same "
-                         f"~{replicates:.0%} of the time")
+            if ci.n < ROBUST_SAMPLES:
+                notes.append(f"fragile: decided by {ci.n} {samples}; below {ROBUST_SAMPLES} a rerun often moves it")
+            else: notes.append(f"{'fragile: ' if replicates < POWER else ''}a rerun with other {samples} decides "
+                               f"the same ~{replicates:.0%} of the time")
         if verdict == 'inconclusive':
             if ci.n < MIN_SAMPLES: notes.append(f"{ci.n} {samples}: a verdict needs at least {MIN_SAMPLES}")
             elif not ci.hi > ci.lo: notes.append(f"no spread over {samples}: a deterministic quantity decides nothing "

@@ -16,8 +16,8 @@ TEST_SEED = 10_007      # the test draw's seed: apart from every training seed a
 class FusionDepthParams(Params):
     "Parameters of finding FD (05_fusion_depth); None takes the profile's value."
     PROFILES: ClassVar = {
-        'quick': dict(seeds=5, side_seeds=5, test_size=5000, epochs=8, d_model=64, grid=False,
-                      grid_sizes='600,1500,3000', grid_depths='1,2,4', timing_repeats=6),
+        'quick': dict(seeds=8, side_seeds=5, test_size=5000, epochs=8, d_model=64, grid=False,
+                      grid_sizes='600,1500,3000', grid_depths='1,2,4', timing_repeats=8),
         'full': dict(seeds=10, side_seeds=10, test_size=10000, epochs=40, d_model=256, grid=True,
                      grid_sizes='1000,3000,10000', grid_depths='1,2,4,6', timing_repeats=10)}
     layers: int = param(4, min=1, max=24)
