@@ -9,8 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import vlm_lab.diagnostics as diagnostics
-import vlm_lab.train as train
 from vlm_lab.diagnostics import (MappedLoader, blank_input, capture, capture_attention, collect, feature_diversity,
                                  gate_stats, gradient_ratio, gradient_report, hook_points, text_only_baseline,
                                  vision_dependency)
@@ -36,12 +34,6 @@ class ReadVision(nn.Module):
     def forward(self, b): return {'logits': b['vision'].mean(1)}
 
 
-class DictDataset(torch.utils.data.Dataset):
-    def __init__(self, **t): self.t = t; self.n = len(next(iter(t.values())))
-    def __len__(self): return self.n
-    def __getitem__(self, i): return {k: v[i] for k, v in self.t.items()}
-
-
 def toy_set(n=120, n_answers=6, source='vision', seed=0):
     g = torch.Generator().manual_seed(seed)
     answer = (torch.arange(n) % n_answers)[torch.randperm(n, generator=g)]
@@ -49,8 +41,8 @@ def toy_set(n=120, n_answers=6, source='vision', seed=0):
     code = 3 * F.one_hot(answer, n_answers).float()[:, None, :6]
     if source == 'vision': vision = vision + code
     else: text = text + code
-    return DictDataset(vision=vision, text=text, text_mask=torch.ones(n, 4, dtype=torch.bool), answer=answer,
-                       qtype=torch.arange(n) % 4)
+    return torch.utils.data.StackDataset(vision=vision, text=text, text_mask=torch.ones(n, 4, dtype=torch.bool),
+                                         answer=answer, qtype=torch.arange(n) % 4)
 
 
 def dl(ds, shuffle=False): return torch.utils.data.DataLoader(ds, batch_size=16, shuffle=shuffle)
@@ -112,11 +104,6 @@ def test_gate_stats_beyond_the_notebook():
     raw = gate_stats(Gated(), activations={'ff_gate': 'identity'}).set_index('name')
     assert raw.loc['layers.1.ff_gate', 'mean'] == 2
     with pytest.raises(TypeError): gate_stats(Gated(), {'ff_gate': 'identity'})
-
-
-def test_trainable_report_has_one_implementation():
-    "The diagnostics re-use train's report (train may not import diagnostics), not a copy of it."
-    assert diagnostics.trainable_report is train.trainable_report and diagnostics.layer_index is train.layer_index
 
 
 # ---------------------------------------------------------------- feature diversity

@@ -6,7 +6,7 @@ import torch
 from vlm_lab.backbones import tiny_text, tiny_vision
 from vlm_lab.fusion import (CrossAttention, GatedCrossAttentionBlock, HookPoint, VQAConfig, VQAModel, VisionGate,
                             block_param_count, grow_fusion)
-from vlm_lab.train import set_trainable
+from vlm_lab.trainable import set_trainable
 
 
 def _batch(B=4, Nv=17, L=9, Dv=32, Dt=48, n_answers=22, seed=0):

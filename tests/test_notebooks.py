@@ -1,6 +1,6 @@
 """Finding notebooks run end to end under papermill, refuse bad parameters before writing anything, and end in a
 verdict table whose every verdict follows from its own numbers."""
-import json, math, os, subprocess, sys
+import json, os, subprocess, sys
 from pathlib import Path
 
 import pytest

@@ -6,47 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+import vlm_lab.metrics as metrics
 import vlm_lab.train as train
-from vlm_lab.train import (CHECKPOINT_NAME, Accuracy, GroupAccuracy, Loss, TrainConfig, batch_size_of, evaluate, fit,
-                           resolve_precision)
+import vlm_lab.trainable as trainable
+from vlm_lab.metrics import GroupAccuracy, Loss, batch_size_of, evaluate
+from vlm_lab.toys import ToyVQA, toy_loaders
+from vlm_lab.train import CHECKPOINT_NAME, TrainConfig, fit, resolve_precision
 
 
-class ToyVQA(nn.Module):
-    "Pooled vision + pooled text -> MLP head; follows the lab's batch convention."
-    def __init__(self, dv=8, dt=8, d=16, n_answers=5, dropout=0.0):
-        super().__init__()
-        self.vision_proj, self.text_proj = nn.Linear(dv, d), nn.Linear(dt, d)
-        self.norm, self.drop, self.head = nn.LayerNorm(d), nn.Dropout(dropout), nn.Linear(d, n_answers)
-        self.gate_logit = nn.Parameter(torch.tensor(1.5))
-
-    def forward(self, batch):
-        v = self.vision_proj(batch['vision'].mean(1))
-        m = batch['text_mask'].unsqueeze(-1).float()
-        t = self.text_proj((batch['text'] * m).sum(1) / m.sum(1).clamp(min=1))
-        logits = self.head(self.drop(F.gelu(self.norm(torch.sigmoid(self.gate_logit) * v + t))))
-        out = {'logits': logits}
-        if 'answer' in batch: out['loss'] = F.cross_entropy(logits, batch['answer'])
-        return out
-
-
-def DictDataset(**tensors): return torch.utils.data.StackDataset(**tensors)
-
-
-def toy_data(n=128, nv=4, dv=8, L=5, dt=8, n_answers=5, seed=0):
-    g, gt = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(12345)
-    vision, text = torch.randn(n, nv, dv, generator=g), torch.randn(n, L, dt, generator=g)
-    mask = torch.ones(n, L, dtype=torch.bool)
-    wv, wt = torch.randn(dv, n_answers, generator=gt), torch.randn(dt, n_answers, generator=gt)
-    answer = (vision.mean(1) @ wv + 0.5 * text.mean(1) @ wt).argmax(-1)
-    return DictDataset(vision=vision, text=text, text_mask=mask, answer=answer, qtype=torch.arange(n) % 4)
-
-
-def loaders(n=128, bs=16, seed=0):
-    return (torch.utils.data.DataLoader(toy_data(n, seed=seed), batch_size=bs, shuffle=True),
-            torch.utils.data.DataLoader(toy_data(n // 2, seed=seed + 100), batch_size=bs))
+def loaders(n=128, bs=16, seed=0): return toy_loaders(n, bs=bs, seed=seed)
 
 
 def test_precision_falls_back_on_cpu():
@@ -129,7 +99,7 @@ def test_model_returning_only_logits_and_loss_fn():
 
 def test_evaluate_gathers_every_batch_and_never_predicts(monkeypatch):
     "`gather` (accelerate's gather_for_metrics under several processes) sees every tensor; evaluate never concatenates."
-    monkeypatch.setattr(train, 'predict', lambda *a, **k: pytest.fail('evaluate called predict'))
+    monkeypatch.setattr(metrics, 'predict', lambda *a, **k: pytest.fail('evaluate called predict'))
     torch.manual_seed(0)
     m, (_, va) = ToyVQA(), loaders()
     one = evaluate(m, va)
@@ -169,9 +139,10 @@ def test_batch_size_without_answers():
         batch_size_of({'names': ['a', 'b']})
 
 
-def test_train_does_not_import_the_data_module():
-    "Group names come from the caller: vlm_lab.train knows no dataset."
-    tree = ast.parse(Path(train.__file__).read_text())
-    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert not any(m.endswith('data') for m in mods) and not any('diagnostics' in m for m in mods)
+def test_training_modules_do_not_import_the_data_module():
+    "Group names come from the caller: the training modules know no dataset and no diagnostics."
+    for mod in (train, trainable, metrics):
+        tree = ast.parse(Path(mod.__file__).read_text())
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(m.endswith('data') for m in mods) and not any('diagnostics' in m for m in mods), mod

@@ -23,7 +23,8 @@ from .backbones import load_text, load_vision
 from .data import ShapesVQA, VQACollator
 from .features import FeatureDataset, feature_dataset, feature_splits, text_features, vision_features
 from .fusion import GatedCrossAttentionBlock, VQAConfig, VQAModel
-from .train import TrainConfig, evaluate, fit, step_time
+from .metrics import evaluate
+from .train import TrainConfig, fit, step_time
 from .findings import default_workers, run_grid
 
 # %% auto #0

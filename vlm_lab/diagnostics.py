@@ -8,6 +8,7 @@ import contextlib, copy, math
 from fnmatch import fnmatchcase
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -16,8 +17,9 @@ from accelerate.utils import send_to_device
 
 from .core import check_bool, check_choice, check_int, masked_mean, model_device
 from .fusion import HookPoint
-from .train import (Accuracy, GroupAccuracy, Loss, _layer_map, evaluate, fit, group_name, layer_index,
-                           logits_of, loss_of, trainable_report)   # trainable_report, layer_index: defined in 03_train
+from .metrics import Accuracy, GroupAccuracy, Loss, evaluate, group_name, logits_of, loss_of
+from .train import fit
+from .trainable import layer_map
 
 # %% auto #0
 __all__ = ['GATE_ACTIVATIONS', 'materialize', 'collect', 'MappedLoader', 'vision_dependency', 'TextOnlyHead', 'blank_input',
@@ -57,8 +59,6 @@ def _run_preds(model, batches, device=None):
     model.eval()
     try: return torch.cat([logits_of(model(send_to_device(b, device))).argmax(-1).cpu() for b in batches])
     finally: model.train(was)
-
-
 
 # %% ../nbs/04_diagnostics.ipynb #4282f96c
 def _ablation_stats(x: torch.Tensor):
@@ -177,7 +177,7 @@ GATE_ACTIVATIONS = {'attn_gate': 'tanh', 'ff_gate': 'tanh', 'gate_logit': 'sigmo
 def gate_stats(model: nn.Module, *, activations: Mapping[str, str] = GATE_ACTIVATIONS) -> pd.DataFrame:
     "Every gate parameter (by name suffix) with layer, kind (tanh/sigmoid) and mean / abs-mean of the effective gate."
     act = {'tanh': torch.tanh, 'sigmoid': torch.sigmoid, 'identity': lambda x: x}
-    layer = _layer_map(model)
+    layer = layer_map(model)
     rows = []
     for name, p in model.named_parameters():
         leaf = name.rsplit('.', 1)[-1]
@@ -363,9 +363,6 @@ def capture(model: nn.Module, names: str | Iterable[str] | None = None, *, grad:
 def capture_attention(model: nn.Module, names: str | Iterable[str] | None = None):
     "`capture(model, '*hook_attn')` (or the hook points in `names`) into an AttentionCapture."
     return _capturing(model, '*hook_attn' if names is None else names, AttentionCapture(), False)
-
-# %% ../nbs/04_diagnostics.ipynb #1ea4b4bb
-import numpy as np
 
 # %% ../nbs/04_diagnostics.ipynb #76eb53dd
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:

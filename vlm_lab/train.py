@@ -4,17 +4,15 @@
 
 # %% ../nbs/03_train.ipynb #041c9f6c
 from __future__ import annotations
-import copy, json, math, time, warnings
-from dataclasses import asdict, dataclass, field, replace
-from fnmatch import fnmatchcase
+import json, math, time, warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
 from safetensors import safe_open
@@ -24,108 +22,12 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .core import (atomic_write, check_bool, check_choice, check_float, check_int, get_device, model_device,
                           seed_everything)
+from .metrics import batch_size_of, evaluate_parts, is_metric, loss_of, metric_list
+from .trainable import check_lr_groups, check_patterns, group_lr, param_groups
 
 # %% auto #0
-__all__ = ['CHECKPOINT_NAME', 'TIMING_COLUMNS', 'layer_index', 'trainable_report', 'set_trainable', 'decay_split',
-           'check_lr_groups', 'group_lr', 'param_groups', 'resolve_precision', 'make_accelerator',
-           'enable_gradient_checkpointing', 'batch_size_of', 'logits_of', 'loss_of', 'group_name', 'Loss', 'Accuracy',
-           'GroupAccuracy', 'default_metrics', 'evaluate', 'predict', 'save_checkpoint', 'checkpoint_meta',
-           'load_checkpoint', 'TrainConfig', 'FitResult', 'fit', 'step_time']
-
-# %% ../nbs/03_train.ipynb #7c1e9a21
-def _layer_map(model: nn.Module):
-    "A function name -> layer index for `model` (its ModuleList names computed once)."
-    lists = {n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)}
-    def f(name):
-        parts = name.split('.')
-        if not lists: return next((int(p) for p in parts if p.isdigit()), None)
-        if '' in lists and parts[0].isdigit(): return int(parts[0])
-        for i in range(1, len(parts)):
-            if '.'.join(parts[:i]) in lists and parts[i].isdigit(): return int(parts[i])
-        return None
-    return f
-
-def layer_index(model: nn.Module, name: str) -> int | None:
-    "Layer of parameter/module `name`: its index in the outermost nn.ModuleList (else the first integer in the name)."
-    return _layer_map(model)(name)
-
-def trainable_report(model: nn.Module, *, depth: int = 1) -> pd.DataFrame:
-    "Total and trainable parameter counts per module (first `depth` name components) and layer, plus a total row."
-    depth = check_int('depth', depth, min=1)
-    layer = _layer_map(model)
-    agg = {}
-    for name, p in model.named_parameters():
-        parts = name.split('.')[:-1]
-        mod = '.'.join(parts[:depth]) if parts else '(root)'
-        key = (mod, layer(name))
-        t, tr = agg.get(key, (0, 0))
-        agg[key] = (t + p.numel(), tr + (p.numel() if p.requires_grad else 0))
-    rows = [dict(module=m, layer=l, total=t, trainable=tr) for (m, l), (t, tr) in agg.items()]
-    df = pd.DataFrame(rows, columns=['module', 'layer', 'total', 'trainable'])
-    total = dict(module='total', layer=None, total=int(df.total.sum()), trainable=int(df.trainable.sum()))
-    df = pd.concat([df, pd.DataFrame([total])], ignore_index=True)
-    df['layer'] = df['layer'].astype('Int64')
-    df['trainable_frac'] = df.trainable / df.total.where(df.total > 0)
-    return df
-
-def _check_patterns(model: nn.Module, patterns: Sequence[str], what: str):
-    "A ValueError naming every glob pattern that matches no parameter name of `model`."
-    names = [n for n, _ in model.named_parameters()]
-    unknown = [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
-    if unknown:
-        raise ValueError(f"parameter {what}: pattern(s) {unknown} match no parameter of {type(model).__name__} "
-                         f"(its parameter names look like {names[:3]})")
-
-def set_trainable(model: nn.Module, patterns: str | Sequence[str], *, freeze_rest: bool = True) -> pd.DataFrame:
-    "Make the parameters matching any glob pattern trainable (and, with `freeze_rest`, freeze all others); report."
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    freeze_rest = check_bool('freeze_rest', freeze_rest)
-    _check_patterns(model, patterns, 'patterns')
-    for name, p in model.named_parameters():
-        if any(fnmatchcase(name, pat) for pat in patterns): p.requires_grad_(True)
-        elif freeze_rest: p.requires_grad_(False)
-    return trainable_report(model)
-
-# %% ../nbs/03_train.ipynb #a3781578
-def decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
-    "Names of the trainable parameters with weight decay (>= 2 dims) and without (< 2 dims: gates, norms, biases)."
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad: (decay if p.ndim >= 2 else no_decay).append(name)
-    return decay, no_decay
-
-def check_lr_groups(lr_groups: Mapping[str, float] | None) -> dict[str, float]:
-    "`lr_groups` as a dict glob pattern -> learning rate (>= 0); a ValueError naming the bad entry otherwise."
-    if lr_groups is None: return {}
-    if not isinstance(lr_groups, Mapping) or not all(isinstance(k, str) and k for k in lr_groups):
-        raise ValueError(f"parameter lr_groups={lr_groups!r} is invalid: expected a dict glob pattern -> learning "
-                         f"rate, such as {{'head.*': 2e-3}}")
-    return {k: check_float(f'lr_groups[{k!r}]', v, min=0) for k, v in lr_groups.items()}
-
-def group_lr(name: str, lr_groups: Mapping[str, float], lr: float | None) -> tuple[str | None, float | None]:
-    "The first pattern of `lr_groups` that parameter `name` matches and its learning rate; else (None, `lr`)."
-    for pat, v in lr_groups.items():
-        if fnmatchcase(name, pat): return pat, v
-    return None, lr
-
-def param_groups(model: nn.Module, *, weight_decay: float = 0.01, lr: float | None = None,
-                 lr_groups: Mapping[str, float] | None = None) -> list[dict]:
-    "AdamW parameter groups per learning rate (`lr_groups` patterns, else `lr`), decayed (>= 2 dims) and not (< 2)."
-    weight_decay = check_float('weight_decay', weight_decay, min=0)
-    lr_groups = check_lr_groups(lr_groups)
-    _check_patterns(model, list(lr_groups), 'lr_groups')
-    order = {None: -1, **{p: i for i, p in enumerate(lr_groups)}}
-    groups: dict[tuple, dict] = {}
-    for name, p in model.named_parameters():
-        pat, rate = group_lr(name, lr_groups, lr)
-        if not p.requires_grad or rate == 0: continue                             # frozen, or frozen by a 0 rate
-        decay = p.ndim >= 2
-        g = groups.setdefault((order[pat], not decay), dict(
-            params=[], weight_decay=weight_decay if decay else 0.0,
-            name=f"{pat or 'default'}/{'decay' if decay else 'no_decay'}", **({} if rate is None else dict(lr=rate))))
-        g['params'].append(p)
-    if not groups: raise ValueError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False)")
-    return [groups[k] for k in sorted(groups)]
+__all__ = ['CHECKPOINT_NAME', 'TIMING_COLUMNS', 'resolve_precision', 'make_accelerator', 'enable_gradient_checkpointing',
+           'save_checkpoint', 'checkpoint_meta', 'load_checkpoint', 'TrainConfig', 'FitResult', 'fit', 'step_time']
 
 # %% ../nbs/03_train.ipynb #6b3bca5a
 def resolve_precision(mixed_precision: str, device: torch.device) -> str:
@@ -166,150 +68,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
             m.gradient_checkpointing = True
             done.append(name)
     return done
-
-# %% ../nbs/03_train.ipynb #c1d08e33
-def batch_size_of(batch: Mapping) -> int:
-    "Number of samples in a batch dict: the leading size of its first tensor."
-    for v in batch.values():
-        if torch.is_tensor(v) and v.ndim: return int(v.shape[0])
-    raise ValueError(f"batch has no tensors with a batch dimension (keys: {list(batch)})")
-
-def logits_of(out) -> torch.Tensor:
-    "Logits from a model output: a dict's 'logits', or the output itself if it is a tensor."
-    if torch.is_tensor(out): return out
-    if isinstance(out, Mapping) and 'logits' in out: return out['logits']
-    raise TypeError(f"model output must be a dict with 'logits' (or a logits tensor), got {type(out).__name__}"
-                    + (f" with keys {list(out)}" if isinstance(out, Mapping) else ''))
-
-def loss_of(out, batch: Mapping, loss_fn: Callable | None = None) -> torch.Tensor:
-    "Training loss: `loss_fn(out, batch)` if given, else the output's 'loss', else cross-entropy of logits vs 'answer'."
-    if loss_fn is not None: return loss_fn(out, batch)
-    if isinstance(out, Mapping) and 'loss' in out: return out['loss']
-    if 'answer' not in batch: raise KeyError("batch has no 'answer' and the model returned no 'loss'; pass loss_fn")
-    return F.cross_entropy(logits_of(out).float().flatten(0, -2), batch['answer'].flatten())
-
-def group_name(g: int, names: Sequence | None = None):
-    "Group `g` as `names[g]` when `names` are given (and g is in range), else the int itself."
-    return names[g] if names is not None and 0 <= g < len(names) else int(g)
-
-def _field(batch: Mapping, key: str, who: str) -> torch.Tensor:
-    if key not in batch: raise KeyError(f"{who} needs batch[{key!r}]; the batch has {list(batch)}")
-    return batch[key]
-
-@dataclass
-class Loss:
-    "Sample-weighted mean loss: the model's own 'loss', else cross-entropy of the logits vs 'answer'."
-    total: float = field(default=0.0, init=False, repr=False)
-    n: int = field(default=0, init=False, repr=False)
-    def update(self, out, batch: Mapping):
-        if isinstance(out, Mapping) and 'loss' in out: loss = float(out['loss'])
-        elif 'answer' in batch: loss = loss_of(out, batch).item()
-        else: raise KeyError("Loss: the model returned no 'loss' and the batch has no 'answer'")
-        size = batch_size_of(batch)
-        self.total, self.n = self.total + loss * size, self.n + size
-    def compute(self) -> dict: return dict(loss=self.total / self.n)
-
-@dataclass
-class Accuracy:
-    "Fraction of targets `batch[key]` that the argmax of the logits gets right."
-    key: str = 'answer'
-    correct: int = field(default=0, init=False, repr=False)
-    n: int = field(default=0, init=False, repr=False)
-    def update(self, out, batch: Mapping):
-        y = _field(batch, self.key, 'Accuracy')
-        self.correct += int((logits_of(out).argmax(-1) == y).sum())
-        self.n += y.numel()
-    def compute(self) -> dict: return dict(accuracy=self.correct / self.n)
-
-@dataclass
-class GroupAccuracy:
-    "Accuracy within each group of `batch[key]` (one per sample, e.g. question type), keyed by `names[g]` or g."
-    key: str = 'qtype'
-    names: Sequence | None = None
-    target: str = 'answer'
-    counts: dict = field(default_factory=dict, init=False, repr=False)   # group -> [correct, n]
-    def update(self, out, batch: Mapping):
-        g, y = _field(batch, self.key, 'GroupAccuracy'), _field(batch, self.target, 'GroupAccuracy')
-        hit = logits_of(out).argmax(-1) == y                                     # (B,)
-        for q in g.unique().tolist():
-            c = self.counts.setdefault(int(q), [0, 0])
-            c[0], c[1] = c[0] + int(hit[g == q].sum()), c[1] + int((g == q).sum())
-    def compute(self) -> dict:
-        return {f'per_{self.key}': {group_name(q, self.names): c / n for q, (c, n) in sorted(self.counts.items())}}
-
-def default_metrics(batch: Mapping) -> list:
-    "Loss, plus Accuracy if the batch has 'answer', plus GroupAccuracy('qtype') if it also has 'qtype'."
-    return [Loss()] + ([Accuracy()] if 'answer' in batch else []) + \
-           ([GroupAccuracy('qtype')] if 'answer' in batch and 'qtype' in batch else [])
-
-def _is_metric(m) -> bool: return callable(getattr(m, 'update', None)) and callable(getattr(m, 'compute', None))
-
-def _metric_list(metrics) -> list | None:
-    "`metrics` (one metric object or several) as a list; a TypeError for anything that is not a metric."
-    if metrics is None: return None
-    ms = [metrics] if _is_metric(metrics) else list(metrics)
-    for m in ms:
-        if not _is_metric(m): raise TypeError(f"a metric needs update(out, batch) and compute() -> dict; got {m!r}")
-    return ms
-
-def _gathered(x, gather: Callable):
-    "`gather` applied to every tensor with a batch dimension in a (nested) output or batch."
-    if torch.is_tensor(x): return gather(x) if x.ndim else x
-    if isinstance(x, Mapping): return {k: _gathered(v, gather) for k, v in x.items()}
-    return x
-
-@torch.no_grad()
-def _evaluate(model: nn.Module, loader, metrics=None, *, extra=(), device=None, gather=None) -> tuple[dict, list]:
-    "evaluate's result and each metric's own compute() (for `fit`, which monitors one of them)."
-    device = torch.device(device) if device is not None else model_device(model)
-    ms = _metric_list(metrics)
-    ms, extra = (None if ms is None else copy.deepcopy(ms)), copy.deepcopy(_metric_list(list(extra)))
-    was_training, n = model.training, 0
-    model.eval()
-    try:
-        for batch in loader:
-            batch = send_to_device(batch, device)
-            out = model(batch)
-            if gather is not None: out, batch = _gathered(out, gather), _gathered(batch, gather)
-            if ms is None: ms = default_metrics(batch)
-            for m in (*ms, *extra): m.update(out, batch)
-            n += batch_size_of(batch)
-    finally: model.train(was_training)
-    if ms is None: raise ValueError("loader is empty: nothing to evaluate")
-    parts = [m.compute() for m in (*ms, *extra)]
-    res = dict(n=n)
-    for p in parts: res.update(p)
-    return res, parts
-
-def evaluate(model: nn.Module, loader, *, metrics=None, device=None, gather: Callable | None = None) -> dict:
-    "`dict(n=samples, **m.compute())` over the metrics `m` (default: loss, accuracy, per_qtype), reduced per batch."
-    return _evaluate(model, loader, metrics, device=device, gather=gather)[0]
-
-@torch.no_grad()
-def predict(model: nn.Module, loader, *, device=None, gather: Callable | None = None) -> dict[str, torch.Tensor]:
-    """Logits, argmax predictions and, where batches have them, 'answer' and 'qtype' of a whole loader, concatenated on
-    the CPU (so for outputs that fit in memory; `evaluate` does not use it); plus the model's mean own 'loss'."""
-    device = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.eval()
-    cols: dict[str, list] = {'logits': [], 'answer': [], 'qtype': []}
-    loss_sum, n_loss = 0.0, 0
-    try:
-        for batch in loader:
-            batch = send_to_device(batch, device)
-            out = model(batch)
-            if isinstance(out, Mapping) and 'loss' in out:
-                loss_sum += float(out['loss']) * batch_size_of(batch)
-                n_loss += batch_size_of(batch)
-            logits = logits_of(out).float()
-            for k, v in (('logits', logits), ('answer', batch.get('answer')), ('qtype', batch.get('qtype'))):
-                if v is not None: cols[k].append((gather(v) if gather else v).cpu())
-    finally: model.train(was_training)
-    if not cols['logits']: raise ValueError("loader is empty: nothing to predict")
-    out = {k: torch.cat(v) for k, v in cols.items() if v}
-    out['preds'] = out['logits'].argmax(-1)
-    if n_loss: out['loss'] = torch.tensor(loss_sum / n_loss)
-    return out
 
 # %% ../nbs/03_train.ipynb #2b2cd6d4
 CHECKPOINT_NAME = 'checkpoint.safetensors'
@@ -399,7 +157,7 @@ class TrainConfig:
         check_float('min_delta', self.min_delta, min=0)
         check_int('seed', self.seed, min=0)
         for name in ('restore_best', 'gradient_checkpointing'): check_bool(name, getattr(self, name))
-        if not ((isinstance(self.metric, str) and self.metric) or _is_metric(self.metric)):
+        if not ((isinstance(self.metric, str) and self.metric) or is_metric(self.metric)):
             raise ValueError(f"parameter metric={self.metric!r} is invalid: expected a key of the validation metrics "
                              f"('accuracy', 'loss', ...) or a metric object with update(out, batch) and compute()")
         if self.mode is not None: check_choice('mode', self.mode, ['max', 'min'])
@@ -538,7 +296,7 @@ def _monitored(cfg: TrainConfig, ev: Mapping, parts: list) -> tuple[str, float]:
 def _validate(model, loader, accelerator, cfg: TrainConfig, metrics, run: _Run, row: dict):
     "Evaluate on `loader` into `row`; update the best epoch, best state and early stopping in `run`."
     extra = [] if isinstance(cfg.metric, str) else [cfg.metric]
-    ev, parts = _evaluate(model, loader, metrics, extra=extra, gather=accelerator.gather_for_metrics)
+    ev, parts = evaluate_parts(model, loader, metrics, extra=extra, gather=accelerator.gather_for_metrics)
     row.update(_history_columns(ev))
     _, value = _monitored(cfg, ev, parts)
     if cfg.better(value, run.best_metric):
@@ -573,7 +331,7 @@ def _check_monitored(model, val_loader, metrics, cfg: TrainConfig):
     if not isinstance(cfg.metric, str): return
     first = next(iter(val_loader), None)
     if first is None: raise ValueError("val_loader is empty")
-    ev, parts = _evaluate(model, [first], metrics)
+    ev, parts = evaluate_parts(model, [first], metrics)
     _monitored(cfg, ev, parts)
 
 def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | None = None, *, metrics=None,
@@ -583,14 +341,14 @@ def fit(model: nn.Module, train_loader, val_loader=None, config: TrainConfig | N
     "Train `model` with AdamW + cosine warm-up through accelerate; validate, early-stop, checkpoint, resume."
     cfg = _config(config, overrides)
     if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    metrics = _metric_list(metrics)
+    metrics = metric_list(metrics)
     try: n_batches = len(train_loader)
     except TypeError: raise ValueError("train_loader must have a length (the schedule needs the step count)") from None
     if n_batches == 0: raise ValueError("train_loader is empty")
     if cfg.patience is not None and val_loader is None: raise ValueError("parameter patience needs a val_loader")
     if resume is True and checkpoint_dir is None: raise ValueError("parameter resume=True needs a checkpoint_dir")
     if cfg.lr_groups:                                                             # a 0 learning rate freezes
-        _check_patterns(model, list(cfg.lr_groups), 'lr_groups')
+        check_patterns(model, list(cfg.lr_groups), 'lr_groups')
         for name, p in model.named_parameters():
             if group_lr(name, cfg.lr_groups, cfg.lr)[1] == 0: p.requires_grad_(False)
     if val_loader is not None: _check_monitored(model, val_loader, metrics, cfg)
