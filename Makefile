@@ -25,7 +25,7 @@ nbtest: setup
 pytest: setup
 	$(PY) -m pytest -q tests -m "not slow"
 
-stability: setup                     ## each finding's quick verdicts rerun with other seeds and rounding (~15 min)
+stability: setup                     ## each finding's quick verdicts rerun with other seeds and rounding (~20 min)
 	$(PY) -m pytest -q -s tests/test_stability.py -m slow
 
 run: setup                           ## rerun a notebook with papermill: make run NB=01_data PARAMS="-p seed 1"
