@@ -27,6 +27,7 @@ TEST_SEED = 10_007      # the test draw's seed: apart from every training seed a
 @dataclass
 class GradientDilutionParams(Params):
     "Parameters of finding GD (06_gradient_dilution); None takes the profile's value."
+    notebook: ClassVar[str] = '06_gradient_dilution'
     PROFILES: ClassVar = {
         'quick': dict(modes=','.join(MODES), seeds=8, grad_seeds=8, epochs=8, n_samples=1000, test_size=1000),
         'full': dict(modes=','.join(MODES), seeds=10, grad_seeds=64, epochs=30, n_samples=4000, test_size=4000)}

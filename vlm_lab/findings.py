@@ -309,6 +309,7 @@ def _check_value(name: str, value: Any, tp, meta: Mapping) -> Any:
 @dataclass
 class Params:
     "Base of a finding's typed parameters: subclass it with `param(...)` fields and `PROFILES`; see above."
+    notebook: ClassVar[str] = ''      # the finding notebook these parameters belong to, e.g. '05_fusion_depth'
     PROFILES: ClassVar[Mapping[str, Mapping[str, Any]]] = {'quick': {}, 'full': {}}
     profile: str = 'quick'
 

@@ -15,6 +15,7 @@ TEST_SEED = 10_007      # the test draw's seed: apart from every training seed a
 @dataclass
 class FusionDepthParams(Params):
     "Parameters of finding FD (05_fusion_depth); None takes the profile's value."
+    notebook: ClassVar[str] = '05_fusion_depth'
     PROFILES: ClassVar = {
         'quick': dict(seeds=8, side_seeds=5, test_size=5000, epochs=8, d_model=64, grid=False,
                       grid_sizes='600,1500,3000', grid_depths='1,2,4', timing_repeats=8),
