@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup nbtest pytest            ## nbdev_test over every notebook, then pytest over tests/
 
+# The notebooks' results and figures go to a throw-away root (never the user's results/ or tracked files); the
+# feature cache stays in .cache/ so it is built once.
 nbtest: setup
-	$(BIN)/nbdev_test --n_workers 1
+	@root=$$(mktemp -d) && VLM_LAB_ROOT=$$root VLM_LAB_CACHE=$(CURDIR)/.cache $(BIN)/nbdev_test --n_workers 1; \
+	  status=$$?; rm -rf $$root; exit $$status
 
 pytest: setup
 	$(PY) -m pytest -q tests -m "not slow"

@@ -9,7 +9,7 @@ import torch
 
 from vlm_lab.core import (check_bool, check_choice, check_float, check_int, check_seeds, figure_name, load_results,
                           mean_ci, params_hash, save_result, savefig, seed_everything, get_device, project_root,
-                          atomic_write)
+                          atomic_write, current_umask)
 
 
 @pytest.mark.parametrize('value', [0, -3, 'four', '4', 2.5, True, None, [4]])
@@ -107,6 +107,13 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         def encode(self): raise RuntimeError('boom')
     with pytest.raises(RuntimeError): atomic_write(p, Boom('new'))
     assert p.read_text() == 'old' and [f.name for f in tmp_path.iterdir()] == ['f.txt']
+
+
+def test_written_files_get_the_umask_mode(tmp_path, lab_root):
+    "mkstemp's 0600 must not leak into results: a written file gets the mode any new file gets."
+    assert (atomic_write(tmp_path / 'g.txt', 'x').stat().st_mode & 0o777) == 0o666 & ~current_umask()
+    path = save_result('nb', {'a': 1}, {'m': 1.0})
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~current_umask()
 
 
 def test_savefig(lab_root):

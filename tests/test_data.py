@@ -104,6 +104,20 @@ def test_csv_round_trip(tmp_path, small):
     assert len(VQADataset.from_csv(tmp_path / 'ds' / 'data.csv')) == 2
 
 
+def test_csv_export_folder_gets_the_umask_mode(tmp_path, small):
+    from vlm_lab.core import current_umask
+    small.to_csv(tmp_path / 'ds')
+    assert ((tmp_path / 'ds').stat().st_mode & 0o777) == 0o777 & ~current_umask()
+
+
+@pytest.mark.parametrize('where', ['../other.png', 'ABS'])
+def test_csv_image_path_outside_the_folder_is_refused(folder, where):
+    where = str((folder / 'ok' / 'images' / '000000.png').resolve()) if where == 'ABS' else where
+    p = write(folder / 'ok', 'a.csv', HEADER + f'{where},How many objects are there?,1,COUNT\n')
+    with pytest.raises(ValueError, match=r'row 1 \(line 2\).*points outside the image folder'):
+        VQADataset.from_csv(p, folder / 'ok')
+
+
 def test_csv_missing_column(folder):
     p = write(folder, 'a.csv', 'image_path,question,answer\nimages/000000.png,q,1\n')
     with pytest.raises(ValueError, match=r"a\.csv is missing column\(s\) \['qtype'\]"):

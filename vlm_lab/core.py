@@ -14,9 +14,9 @@ import torch
 
 # %% auto #0
 __all__ = ['seed_everything', 'check_int', 'check_float', 'check_choice', 'check_bool', 'check_seeds', 'get_device',
-           'set_threads', 'model_device', 'project_root', 'results_dir', 'figures_dir', 'cache_dir', 'atomic_write',
-           'params_hash', 'env_info', 'save_result', 'load_results', 'figure_name', 'savefig', 'CI', 'mean_ci',
-           'masked_mean', 'Timer']
+           'set_threads', 'model_device', 'project_root', 'results_dir', 'figures_dir', 'cache_dir', 'current_umask',
+           'atomic_write', 'params_hash', 'env_info', 'save_result', 'load_results', 'figure_name', 'savefig', 'CI',
+           'mean_ci', 'masked_mean', 'Timer']
 
 # %% ../nbs/00_core.ipynb #fddf0328
 def seed_everything(seed: int, deterministic: bool = True) -> int:
@@ -137,6 +137,12 @@ def cache_dir() -> Path:
     return Path(os.environ['VLM_LAB_CACHE']).resolve() if os.environ.get('VLM_LAB_CACHE') else project_root() / '.cache'
 
 # %% ../nbs/00_core.ipynb #ce6dbb37
+def current_umask() -> int:
+    "The process's file-creation mask (read without changing it)."
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
     "Write `data` to `path` through a temporary file and a rename, so readers never see a partial file."
     path = Path(path)
@@ -147,6 +153,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())            # mkstemp makes it 0600: give it the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)

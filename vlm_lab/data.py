@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from .core import check_float, check_int
+from .core import check_float, check_int, current_umask
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'COLOR_RGB', 'GRID', 'LOCATIONS', 'QTYPES', 'TYPE_ANSWERS', 'ANSWERS', 'BACKGROUND', 'TEMPLATES',
@@ -143,6 +143,7 @@ class VQADataset(torch.utils.data.Dataset):
             raise FileExistsError(f"{folder} is not empty; pass overwrite=True to replace it")
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f'.{folder.name}.'))
+        os.chmod(tmp, 0o777 & ~current_umask())                 # mkdtemp makes it 0700: give it the usual mode
         try:
             (tmp / 'images').mkdir()
             rows = []
@@ -180,7 +181,11 @@ class VQADataset(torch.utils.data.Dataset):
             where = f"{csv}, row {i + 1} (line {i + 2})"
             for c in need:
                 if not str(getattr(row, c)).strip(): raise ValueError(f"{where}: empty value in column {c!r}")
-            path = image_dir / row.image_path
+            rel = Path(row.image_path)
+            path = image_dir / rel
+            if rel.is_absolute() or not path.resolve().is_relative_to(image_dir.resolve()):
+                raise ValueError(f"{where}: image path {row.image_path!r} points outside the image folder "
+                                 f"{image_dir}: expected a path relative to it")
             if check_images: load_image(path, image_size, where=where, verify_only=True)
             records.append(dict(image_path=str(path), question=row.question.strip(), answer=row.answer.strip(),
                                 qtype=row.qtype.strip().upper(), _where=where))
