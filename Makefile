@@ -38,8 +38,10 @@ run: setup                           ## rerun a notebook with papermill: make ru
 bench: setup                         ## the benchmarks of 11_performance: make bench BENCH="--profile full --only block"
 	$(BIN)/vlm_lab bench $(BENCH)
 
+# nbdev's pre-save hook cleans every save to the committed form (kernelspec, tags), so reading a notebook in
+# JupyterLab leaves git status clean
 lab: setup                           ## open the notebooks in JupyterLab
-	$(BIN)/jupyter lab nbs
+	cd nbs && $(CURDIR)/$(BIN)/jupyter lab --ContentsManager.pre_save_hook=nbdev.clean.clean_jupyter
 
 export: setup                        ## regenerate vlm_lab/ from nbs/ after editing a notebook
 	$(BIN)/nbdev_export

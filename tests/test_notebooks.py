@@ -150,3 +150,20 @@ def test_performance_one_section(tmp_path):
     result = json.loads((tmp_path / [f for f in files if f.endswith('.json')][0]).read_text())
     assert set(result['metrics']) == {'step', 'targets'}
     assert result['params']['sections'] == ['step'] and result['threads'] >= 1
+
+
+def test_a_jupyterlab_save_leaves_committed_notebooks_unchanged(tmp_path, monkeypatch):
+    "JupyterLab adds language_info and its own kernel display name on save; `make lab`'s nbdev hook cleans them off."
+    import shutil
+    from jupyter_server.services.contents.filemanager import FileContentsManager
+    shutil.copy(ROOT / 'settings.ini', tmp_path / 'settings.ini')
+    shutil.copytree(ROOT / 'nbs', tmp_path / 'nbs', ignore=shutil.ignore_patterns('.*', '_*'))
+    monkeypatch.chdir(tmp_path / 'nbs')                                  # `make lab` runs JupyterLab in nbs/
+    cm = FileContentsManager(root_dir=str(tmp_path / 'nbs'), pre_save_hook='nbdev.clean.clean_jupyter')
+    for nb in sorted((tmp_path / 'nbs').glob('*.ipynb')):
+        before = nb.read_text()
+        model = cm.get(nb.name)
+        model['content']['metadata']['kernelspec']['display_name'] = 'Python 3 (ipykernel)'
+        model['content']['metadata']['language_info'] = {'name': 'python', 'version': '3.11.7'}
+        cm.save(model, nb.name)
+        assert nb.read_text() == before, nb.name
