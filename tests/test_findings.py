@@ -98,6 +98,24 @@ def test_table_adders(lab_root):
         VerdictTable('FD').add_check('FD-6', lambda: (True, ''))
 
 
+def test_save_records_the_whole_run_and_its_workers(lab_root, monkeypatch):
+    from dataclasses import dataclass
+    import time
+
+    @dataclass
+    class Q(Params):
+        width: int = param(8, min=1)
+
+    p = Q.resolve()
+    time.sleep(0.05)
+    monkeypatch.setenv('VLM_LAB_WORKERS', '2')
+    t = VerdictTable('FD')
+    t.add_exact('FD-6', 20e6)
+    saved = json.loads(t.save('05_fusion_depth', p, dict(x=1.0)).read_text())
+    assert saved['params'] == dict(profile='quick', width=8) and saved['workers'] == 2
+    assert saved['wall_time_s'] >= 0.05                                    # from the parameters to the save
+
+
 def test_exact_alternatives_that_disagree_are_inconclusive():
     t = VerdictTable('FD')
     assert t.add_exact('FD-6', {'ff x4': 21e6, 'ff x1': 8.4e6}) == 'inconclusive'

@@ -189,7 +189,8 @@ def env_info() -> dict:
 
 def save_result(notebook: str, params: Mapping, metrics: Mapping, claims: Sequence[str] = (),
                 seed: int | Sequence[int] | None = None, wall_time: float | None = None,
-                device: str | torch.device | None = None, verdicts: Sequence[Mapping] = ()) -> Path:
+                device: str | torch.device | None = None, verdicts: Sequence[Mapping] = (),
+                workers: int | None = None) -> Path:
     "Write one run's result atomically to results/<notebook>/<params-hash>.json and return the path."
     if not re.fullmatch(r'[\w.-]+', str(notebook)): raise _bad('notebook', notebook, 'a name of letters, digits, _ . -')
     if not isinstance(metrics, Mapping) or not metrics:
@@ -200,7 +201,7 @@ def save_result(notebook: str, params: Mapping, metrics: Mapping, claims: Sequen
                   seed=_jsonable(seed if seed is not None else params.get('seeds', params.get('seed'))),
                   verdicts=_jsonable([dict(v) for v in verdicts]),
                   device=str(device if device is not None else get_device()), threads=torch.get_num_threads(),
-                  workers=os.environ.get('VLM_LAB_WORKERS'), wall_time_s=_jsonable(wall_time),
+                  workers=_jsonable(workers), wall_time_s=_jsonable(wall_time),
                   timestamp=time.strftime('%Y-%m-%dT%H:%M:%S%z'), versions=env_info())
     text = json.dumps(record, indent=1, sort_keys=False, allow_nan=False)
     return atomic_write(results_dir() / notebook / f"{record['params_hash']}.json", text + '\n')

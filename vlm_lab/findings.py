@@ -257,10 +257,15 @@ class VerdictTable:
         "The rows as plain dicts: what a finding's result JSON stores, and the ledger reads."
         return self.frame().to_dict('records')
 
-    def save(self, notebook: str, params: Mapping, metrics: Mapping, **kw):
-        "Save the run's result (`core.save_result`) with this whole table and the claim IDs it covers."
+    def save(self, notebook: str, params: Params | Mapping, metrics: Mapping, *, wall_time: float | None = None,
+             workers: int | None = None, **kw):
+        "Save the run's result (`core.save_result`) with this table, its claim IDs, the run's wall time and workers."
         ids = sorted({r['id'] for r in self.rows}, key=lambda i: (i.split('-')[0], int(i.split('-')[1])))
-        return save_result(notebook, params, metrics, claims=ids, verdicts=self.records(), **kw)
+        if isinstance(params, Params):          # the whole run: from its parameters to now
+            wall_time = time.time() - params.started if wall_time is None else wall_time
+            params = params.asdict()
+        return save_result(notebook, params, metrics, claims=ids, verdicts=self.records(), wall_time=wall_time,
+                           workers=default_workers() if workers is None else workers, **kw)
 
     def _repr_html_(self):
         df = self.frame()[['claim', 'note', 'measured', 'n', 'verdict', 'why', 'noise', 'figure']]
@@ -330,6 +335,7 @@ class Params:
             values[f.name] = _check_value(f.name, v, hints[f.name], f.metadata)
         out = cls(**values)
         out.given = frozenset(k for k, v in given.items() if v is not None)   # what the caller set explicitly
+        out.started = time.time()                                   # the run's start: a result records its wall time
         out.check()
         return out
 
