@@ -363,7 +363,7 @@ def _print_verdicts(result: Path):
     rows = json.loads(result.read_text()).get('verdicts') or []
     if rows:
         table = pd.DataFrame(rows)[['claim', 'note', 'measured', 'n', 'verdict', 'why']]
-        print(f"\n{table.to_string(index=False, max_colwidth=70)}\n\n{verdict_counts(result)}")
+        print(f"\n{table.to_string(index=False, max_colwidth=45)}\n\n{verdict_counts(result)}")
 
 def _run_command(args) -> int:
     given = {k: parse_value(v) for k, v in args.p}
