@@ -1,7 +1,5 @@
 """vlm_lab.bench beyond the asserts of 11_performance: the `vlm_lab` command, bad benchmark names, and the
-targets table on a real (small) run."""
-import importlib.metadata
-
+targets table on a real (small) run (the `vlm_lab` console script itself: tests/test_experiments.py)."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,11 +8,6 @@ from scipy import stats
 
 from vlm_lab.bench import (INCONCLUSIVE, BlockCase, bench_block, bench_growth, bench_step, geomean_ci, growth_fit,
                            main, predict_epoch_time, target_met, targets)
-
-
-def test_console_script_is_main():
-    eps = [e for e in importlib.metadata.entry_points(group='console_scripts') if e.name == 'vlm_lab']
-    assert eps and eps[0].load() is main
 
 
 def test_bench_command_prints_tables_and_targets(capsys, monkeypatch, tmp_path):
