@@ -3,10 +3,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 PYTHON ?= python3
-NB     ?= 05_fusion_depth
+NB     ?= 05
 PARAMS ?= -p layers 4
 
-.PHONY: setup test nbtest pytest stability run bench lab export clean
+.PHONY: setup test nbtest pytest stability reproduce run bench lab export clean
 setup: $(VENV)/.installed
 
 # torch first and pinned: 2.13.0 is a CPU build that installs fast; a bare `torch` could pull a multi-GB CUDA build.
@@ -31,9 +31,11 @@ pytest: setup
 stability: setup                     ## each finding's quick verdicts rerun with other seeds and rounding (~20 min)
 	$(PY) -m pytest -q -s tests/test_stability.py -m slow
 
-run: setup                           ## rerun a notebook with papermill: make run NB=01_data PARAMS="-p seed 1"
-	mkdir -p runs
-	$(BIN)/papermill nbs/$(NB).ipynb runs/$(NB).ipynb --cwd nbs $(PARAMS)
+reproduce: setup                     ## the main job: every finding's quick sweep and the ledger (make reproduce REPRO="--only 05")
+	$(BIN)/vlm_lab reproduce $(REPRO)
+
+run: setup                           ## one notebook, parameters checked first: make run NB=05 PARAMS="-p layers 6"
+	$(BIN)/vlm_lab run $(NB) $(PARAMS)
 
 bench: setup                         ## the benchmarks of 11_performance: make bench BENCH="--profile full --only block"
 	$(BIN)/vlm_lab bench $(BENCH)
