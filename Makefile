@@ -6,7 +6,7 @@ PYTHON ?= python3
 NB     ?= 05
 PARAMS ?= -p layers 4
 
-.PHONY: setup test nbtest pytest stability reproduce run bench lab export clean
+.PHONY: setup test nbtest pytest stability reproduce publish run bench lab export clean
 setup: $(VENV)/.installed
 
 # torch first and pinned: 2.13.0 is a CPU build that installs fast; a bare `torch` could pull a multi-GB CUDA build.
@@ -33,6 +33,9 @@ stability: setup                     ## each finding's quick verdicts rerun with
 
 reproduce: setup                     ## the main job: every finding's quick sweep and the ledger (make reproduce REPRO="--only 05")
 	$(BIN)/vlm_lab reproduce $(REPRO)
+
+publish: setup                       ## rerun every notebook's canonical run; commit-ready outputs, figures, ledger
+	$(BIN)/vlm_lab reproduce --publish $(REPRO)
 
 run: setup                           ## one notebook, parameters checked first: make run NB=05 PARAMS="-p layers 6"
 	$(BIN)/vlm_lab run $(NB) $(PARAMS)

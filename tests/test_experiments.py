@@ -95,7 +95,7 @@ def test_dask_executor_runs_the_sweep(toy, lab_root):
     (['run', '05', '-p', 'layer', '4'], 'unknown parameter(s) layer for 05_fusion_depth: it takes layers, '),
     (['run', '05', '-p', 'layers', '0'], 'parameter layers=0 is invalid'),
     (['run', '05_fusion_depth', '--profile', 'full', '-p', 'layers', '2'], 'expected more than baseline_layers=2'),
-    (['reproduce', '--only', '07'], "parameter only='07' is invalid"),
+    (['reproduce', '--only', '99'], "parameter only='99' is invalid"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(lab_root, capsys, argv, message):
     assert ex.main(argv) == 2
@@ -130,3 +130,31 @@ def test_console_script_is_the_experiments_main():
 def test_bench_goes_to_its_own_command(capsys):
     with pytest.raises(SystemExit) as e: ex.main(['bench', '--only', 'gpu'])
     assert e.value.code == 2 and "sections='gpu'" in capsys.readouterr().err
+
+
+def test_publish_writes_the_notebooks_back_with_their_outputs_and_a_summary(toy, lab_root):
+    nb = toy / 'toy_finding.ipynb'
+    reg = registry({}, {'effect': 0.2})
+    stale = lab_root / 'figures' / 'stale_figure.png'
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b'no run writes this any more')
+    sweep(toy, {}, {'effect': 0.2}, ledger=False)                                  # both results exist
+    t = ex.reproduce(findings=reg, nbs=toy, progress=False, publish=True)
+    assert list(t.status) == ['done', 'skipped'] and list(t.published) == ['updated', '']   # canonical run: rerun
+    cells = json.loads(nb.read_text())['cells']
+    assert [c['id'] for c in cells[:2]] == ['toy00000', ex.SUMMARY_ID]
+    summary = ''.join(cells[1]['source'])
+    assert f"**Verdicts**: {ex.verdict_counts(t.result[0])}." in summary and 'reproduced' in summary
+    assert '| FD-3 direction | +3 to +5 pts |' in summary and '**Tested**: 2 verdict rows on claims FD-3' in summary
+    outputs = [o for c in cells if c['cell_type'] == 'code' for o in c['outputs']]
+    text = nb.read_text()
+    assert outputs and str(lab_root) not in text and '/tmp/' not in text
+    assert not [o for o in outputs if o.get('name') == 'stderr']
+    assert any('saved results/toy_finding/' in ''.join(o.get('text', '')) for o in outputs)
+    assert not stale.exists() and (lab_root / 'figures' / 'FINDINGS.md').is_file()  # a figure no run wrote: gone
+    ledger = pd.read_csv(lab_root / 'figures' / 'findings.csv', keep_default_na=False).set_index('claim')
+    kept = lab_root / 'figures' / ledger.loc['FD-3 direction', 'result']         # the result, committed beside it
+    assert kept.parent == lab_root / 'figures' / 'results' and json.loads(kept.read_text())['verdicts']
+    before = text
+    t = ex.reproduce(findings=reg, nbs=toy, progress=False, publish=True)
+    assert list(t.published) == ['unchanged', ''] and nb.read_text() == before      # same result: same file

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_experiments.ipynb #e1000003
 from __future__ import annotations
-import argparse, ast, hashlib, importlib, json, os, sys, threading, time
+import argparse, ast, hashlib, importlib, json, os, re, sys, threading, time
 import multiprocessing as mp
 from collections import Counter
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
@@ -20,10 +20,12 @@ from .core import (atomic_write, check_choice, check_int, figures_dir, load_resu
                           results_dir, savefig)
 
 # %% auto #0
-__all__ = ['PROFILES', 'FINDINGS', 'LIBRARIES', 'LEDGER_COLUMNS', 'VERDICT_COLOURS', 'nbs_dir', 'find_notebook', 'params_class',
-           'parse_value', 'check_params', 'code_version', 'plan_run', 'plan', 'is_done', 'execute', 'verdict_counts',
-           'summary', 'reproduce', 'ledger_dir', 'ledger', 'headline', 'ledger_markdown', 'verdict_figure',
-           'write_ledger', 'main']
+__all__ = ['PROFILES', 'FINDINGS', 'LIBRARIES', 'LEDGER_COLUMNS', 'VERDICT_COLOURS', 'README_MARKERS', 'PUBLISH_ENV',
+           'SUMMARY_ID', 'nbs_dir', 'find_notebook', 'params_class', 'parse_value', 'check_params', 'code_version',
+           'plan_run', 'plan', 'is_done', 'execute', 'verdict_counts', 'summary', 'reproduce', 'lock_versions',
+           'off_lock', 'ledger_dir', 'ledger', 'headline', 'ledger_markdown', 'headline_markdown', 'with_headline',
+           'verdict_figure', 'write_ledger', 'scrub', 'clean_outputs', 'published', 'write_published',
+           'summary_markdown', 'publish_runs', 'main']
 
 # %% ../nbs/10_experiments.ipynb #e1000005
 PROFILES = ('quick', 'full')
@@ -31,10 +33,12 @@ PROFILES = ('quick', 'full')
 FINDINGS: dict[str, dict] = {
     '05_fusion_depth': dict(
         finding='FD', title='fusion depth', params='vlm_lab.fusion_depth:FusionDepthParams',
+        main='FD-2 direction', headline='fd_accuracy_drop_gate_vs_depth',
         quick=[{}, {'layers': 6}],
         full=[{}, {'layers': 6, 'grid': False}, {'baseline_layers': 1, 'layers': 2, 'grid': False}]),
     '06_gradient_dilution': dict(
         finding='GD', title='gradient dilution', params='vlm_lab.context_branch:GradientDilutionParams',
+        main='GD-1 direction', headline='gd_gradient_ratio',
         quick=[{}, {'mode': 'gated'}],
         full=[{}, {'mode': 'full'}, {'mode': 'fixed'}, {'mode': 'learnable'}, {'mode': 'gated'}]),
 }
@@ -110,24 +114,31 @@ def plan_run(nb: str | Path, given: Mapping[str, Any], *, findings: Mapping | No
                 out=str(project_root() / 'runs' / f"{nb.stem}__{h}.ipynb"),
                 result=str(results_dir() / nb.stem / f"{h}.json") if finding else None, code=code_version(nb))
 
+def _select(names: Sequence[str], only: str | Sequence[str] | None) -> list[str]:
+    "The names that start with one of `only`'s prefixes ('05,06'); all without `only`; a prefix matching none refused."
+    if not only: return list(names)
+    want = [s.strip() for s in (only.split(',') if isinstance(only, str) else only) if s.strip()]
+    bad = [w for w in want if not any(n.startswith(w) for n in names)]
+    if bad: raise ValueError(f"parameter only={','.join(bad)!r} is invalid: expected prefixes of {', '.join(names)}")
+    return [n for n in names if any(n.startswith(w) for w in want)]
+
 def plan(*, profile: str = 'quick', only: str | Sequence[str] | None = None, findings: Mapping | None = None,
-         nbs: str | Path | None = None) -> list[dict]:
-    "Every finding's sweep for `profile` as checked runs (`only`: notebook prefixes such as '05,06'); no duplicates."
+         nbs: str | Path | None = None, publish: bool = False) -> list[dict]:
+    """Every finding's sweep for `profile` as checked runs (`only`: notebook prefixes such as '05,06'); no duplicates.
+
+    With `publish`, every notebook in `nbs` takes part: its canonical run (a finding's: its sweep's first point; any
+    other notebook's: its defaults) is flagged `publish`, and a finding's other points follow it."""
     findings = FINDINGS if findings is None else findings
     check_choice('profile', profile, PROFILES)
-    names = list(findings)
-    if only:
-        want = [s.strip() for s in (only.split(',') if isinstance(only, str) else only) if s.strip()]
-        bad = [w for w in want if not any(n.startswith(w) for n in names)]
-        if bad:
-            raise ValueError(f"parameter only={','.join(bad)!r} is invalid: expected prefixes of {', '.join(names)}")
-        names = [n for n in names if any(n.startswith(w) for w in want)]
+    folder = Path(nbs) if nbs else nbs_dir()
+    names = _select(sorted(f.stem for f in folder.glob('*.ipynb')) if publish else list(findings), only)
     runs = {}
     for name in names:
-        nb = find_notebook(name, nbs)
-        for point in findings[name][profile]:
-            run = plan_run(nb, {**point, 'profile': profile}, findings=findings)
-            runs.setdefault(run['out'], run)
+        nb = find_notebook(name, folder)
+        points = [{**p, 'profile': profile} for p in findings[name][profile]] if name in findings else [{}]
+        for i, point in enumerate(points):
+            run = plan_run(nb, point, findings=findings)
+            runs.setdefault(run['out'], dict(run, publish=publish and i == 0))
     return list(runs.values())
 
 def is_done(run: Mapping) -> bool:
@@ -215,21 +226,26 @@ def verdict_counts(result: str | Path | None) -> str:
 def summary(runs: Sequence[Mapping]) -> pd.DataFrame:
     "One row per run: notebook, parameters, status, seconds, verdict counts, error, executed copy, result."
     return pd.DataFrame([dict(run=r['notebook'], params=_shown(r['params']), status=r['status'],
+                              published=r.get('published', ''),
                               seconds=round(r['seconds'], 1), verdicts=verdict_counts(r['result'])
                               if r['status'] != 'failed' else '', error=r['error'], executed=r['out'],
                               result=r['result']) for r in runs])
 
 def reproduce(*, profile: str = 'quick', only: str | Sequence[str] | None = None, workers: int = 1,
               executor: Executor | None = None, threads: int | None = None, findings: Mapping | None = None,
-              nbs: str | Path | None = None, ledger: bool = True, progress: bool = True) -> pd.DataFrame:
+              nbs: str | Path | None = None, ledger: bool = True, progress: bool = True,
+              publish: bool = False) -> pd.DataFrame:
     """Every finding's sweep for `profile`, skipping runs whose result this code wrote; the summary table.
 
     Runs go to `executor` (any concurrent.futures.Executor, e.g. a Dask client's `get_executor()`), else to a pool of
     `workers` spawned processes; each run gets `threads` torch threads and grid workers (default: cores // workers
-    on the local pool, the worker's own settings on another executor)."""
+    on the local pool, the worker's own settings on another executor). With `publish`, every notebook's canonical
+    run is rerun (never skipped) with the tracked `figures/` as its figure folder, and written back to `nbs/` with
+    its outputs (`publish_runs`) once the ledger is rewritten."""
     workers = check_int('workers', workers, min=1)
-    runs = plan(profile=profile, only=only, findings=findings, nbs=nbs)
-    done = {r['out']: dict(r, status='skipped', error='', seconds=0.0) for r in runs if is_done(r)}
+    started = time.time()
+    runs = plan(profile=profile, only=only, findings=findings, nbs=nbs, publish=publish)
+    done = {r['out']: dict(r, status='skipped', error='', seconds=0.0) for r in runs if not r['publish'] and is_done(r)}
     todo = [r for r in runs if r['out'] not in done]
     if threads is None and executor is None: threads = max(1, _cores() // workers)
     env = {} if threads is None else dict(VLM_LAB_THREADS=threads, VLM_LAB_WORKERS=threads)
@@ -237,7 +253,8 @@ def reproduce(*, profile: str = 'quick', only: str | Sequence[str] | None = None
     bar = tqdm(total=len(runs), initial=len(done), desc=f"reproduce {profile}", unit='run', disable=not progress)
     finished = False
     try:
-        futures = {(pool or executor).submit(execute, r, env=env): r for r in todo}
+        futures = {(pool or executor).submit(execute, r, env=env | (PUBLISH_ENV if r['publish'] else {})): r
+                   for r in todo}
         for f in as_completed(futures):
             r = futures[f]
             try: done[r['out']] = f.result()
@@ -249,15 +266,33 @@ def reproduce(*, profile: str = 'quick', only: str | Sequence[str] | None = None
     finally:
         bar.close()
         if pool: pool.shutdown(wait=finished, cancel_futures=True)
-    if ledger: write_ledger(profile=profile, findings=findings, nbs=nbs)
-    return summary([done[r['out']] for r in runs])
+    runs = [done[r['out']] for r in runs]
+    if ledger and not publish: write_ledger(profile=profile, findings=findings, nbs=nbs)
+    if publish:
+        written = publish_runs([r for r in runs if r['publish']], profile=profile, findings=findings, nbs=nbs,
+                               prune_before=None if only else started)
+        runs = [next((w for w in written if w['out'] == r['out']), r) for r in runs]
+    return summary(runs)
 
 # %% ../nbs/10_experiments.ipynb #e1000018
 LIBRARIES = ('torch', 'transformers', 'peft', 'accelerate')
 LEDGER_COLUMNS = ['finding', 'claim', 'note', 'measured', 'n', 'verdict', 'why', 'noise', 'profile', 'device',
-                  *LIBRARIES, 'figure', 'result', 'code_version']
+                  *LIBRARIES, 'off_lock', 'figure', 'result', 'code_version']
 VERDICT_COLOURS = {'reproduced': '#2ca02c', 'refuted': '#d62728', 'inconclusive': '#ff7f0e', 'mechanism': '#1f77b4',
                    'measured': '#9467bd', 'not tested': '#c7c7c7'}
+
+def lock_versions(path: str | Path | None = None) -> dict[str, str]:
+    "The exact versions pinned in the lock file (default: requirements.lock at the project root); {} without one."
+    p = Path(path) if path else project_root() / 'requirements.lock'
+    if not p.is_file(): return {}
+    pins = re.findall(r'^([A-Za-z0-9][\w.-]*)==([^\s\\;]+)', p.read_text(), re.M)
+    return {re.sub(r'[-_.]+', '-', name).lower(): version for name, version in pins}
+
+def off_lock(versions: Mapping[str, str | None], lock: Mapping[str, str]) -> str:
+    "The libraries whose version differs from the lock's, e.g. 'peft 0.18.0 (lock 0.17.1)'; '' if none or no lock."
+    base = lambda v: str(v).split('+')[0]                      # 2.13.0+cpu is the lock's 2.13.0
+    return ', '.join(f"{k} {v} (lock {lock[k]})" for k, v in versions.items()
+                     if v and k in lock and base(v) != base(lock[k]))
 
 def ledger_dir() -> Path:
     "Where the ledger goes: $VLM_LAB_FIGURES (relative to the project root), else the tracked figures/."
@@ -269,13 +304,18 @@ def _link(name: str | None, folder: Path) -> str:
     places = [folder / name, figures_dir() / name, results_dir() / 'figures' / name]
     return os.path.relpath(next((p for p in places if p.is_file()), places[-1]), folder)
 
+def _result_link(path: str, res: Mapping, folder: Path) -> str:
+    "A result's path relative to the ledger: its published copy beside it (figures/results/), else the run's."
+    copy = folder / 'results' / Path(path).name.replace('.json', f"__{res['notebook']}.json")
+    return os.path.relpath(copy if copy.is_file() else path, folder)
+
 def ledger(*, profile: str = 'quick', findings: Mapping | None = None, nbs: str | Path | None = None,
            folder: str | Path | None = None) -> pd.DataFrame:
     "One row per claim of CLAIMS (per condition where tested so) from each finding's canonical run's result."
     from vlm_lab.claims import CLAIMS
     findings, folder = FINDINGS if findings is None else findings, Path(folder or ledger_dir())
     check_choice('profile', profile, PROFILES)
-    results, canon = load_results(), {}
+    results, canon, lock = load_results(), {}, lock_versions()
     for name, entry in findings.items():
         run = plan_run(find_notebook(name, nbs), {**entry[profile][0], 'profile': profile}, findings=findings)
         hit = results[(results.notebook == name) & (results.params_hash == run['hash'])]
@@ -290,7 +330,8 @@ def ledger(*, profile: str = 'quick', findings: Mapping | None = None, nbs: str 
             rows.append(dict(finding=c.finding, **{k: v.get(k) for k in LEDGER_COLUMNS[1:8]},
                              profile=res.get('params.profile'), device=res.get('device'),
                              **{lib: res.get(f'versions.{lib}') for lib in LIBRARIES},
-                             figure=_link(v.get('figure'), folder), result=os.path.relpath(path, folder),
+                             off_lock=off_lock({lib: res.get(f'versions.{lib}') for lib in LIBRARIES}, lock),
+                             figure=_link(v.get('figure'), folder), result=_result_link(path, res, folder),
                              code_version=res.get('code_version')))
     text = [c for c in LEDGER_COLUMNS if c != 'n']
     return (pd.DataFrame(rows, columns=LEDGER_COLUMNS).astype({c: object for c in text} | {'n': 'Int64'})
@@ -311,6 +352,7 @@ def _md_table(df: pd.DataFrame) -> str:
 def ledger_markdown(table: pd.DataFrame, *, profile: str = 'quick') -> str:
     "FINDINGS.md: the verdict counts per finding, the verdict figure, and one row per claim."
     versions = table[list(LIBRARIES)].apply(lambda r: ', '.join(f"{k} {v}" for k, v in r.items() if v), axis=1)
+    versions = versions.where(table.off_lock == '', versions + ' **(off the lock: ' + table.off_lock + ')**')
     claims = table.assign(versions=versions, figure=table.figure.map(lambda f: f"[png]({f})" if f else ''),
                           result=table.result.map(lambda f: f"[json]({f})" if f else ''))
     cols = ['claim', 'note', 'measured', 'n', 'verdict', 'why', 'noise', 'profile', 'device', 'versions', 'figure',
@@ -319,9 +361,40 @@ def ledger_markdown(table: pd.DataFrame, *, profile: str = 'quick') -> str:
         '# Findings ledger',
         f"Generated by `vlm_lab ledger` (profile `{profile}`) from the result JSONs alone; do not edit by hand. Each "
         "finding's rows come from its canonical run (the first point of its sweep); `not tested` means no result yet "
-        "or a run that does not test the claim. The same table as CSV: [findings.csv](findings.csv).",
+        "or a run that does not test the claim; a version in bold differs from the lock file's (requirements.lock). "
+        "The same table as CSV: [findings.csv](findings.csv).",
         '## Verdicts per finding', _md_table(headline(table)), '![every claim\'s verdict](findings_verdicts.png)',
         '## Claims', _md_table(claims[cols])]) + '\n'
+
+README_MARKERS = ('<!-- findings:start (generated by vlm_lab ledger; do not edit) -->', '<!-- findings:end -->')
+
+def headline_markdown(table: pd.DataFrame, *, findings: Mapping | None = None, link: str = 'figures') -> str:
+    "README's table: per finding its notebook, verdict counts and headline (its main claim's verdict), from a ledger."
+    from vlm_lab.claims import CLAIMS
+    findings = FINDINGS if findings is None else findings
+    by_finding = {e['finding']: (name, e) for name, e in findings.items()}
+    text = {c.key: c.text for c in CLAIMS}
+    counts, rows = headline(table), []
+    for r in counts.to_dict('records'):
+        name, entry = by_finding.get(r['finding'], (None, {}))
+        main = table[table.claim == entry.get('main')]
+        if name is None: line = 'no notebook yet'
+        elif not len(main) or main.verdict.iloc[0] == 'not tested': line = f"{entry['main']}: not tested yet"
+        else:
+            m = main.iloc[0]
+            line = (f"{m.claim}, {text[m.claim]}: **{m.verdict}** (measured {m.measured}, n={m.n}; the note: "
+                    f"{m.note})")
+        rows.append({**r, 'finding': f"[{r['finding']}](nbs/{name}.ipynb)" if name else r['finding'],
+                     'headline': line})
+    every = f"[{link}/FINDINGS.md]({link}/FINDINGS.md)"
+    return '\n'.join([_md_table(pd.DataFrame(rows)), '', f"Every claim, with its measurement, CI, noise and figure: {every}."])
+
+def with_headline(text: str, table_md: str) -> str:
+    "README text with the block between README_MARKERS replaced by `table_md` (unchanged without the markers)."
+    start, end = README_MARKERS
+    if start not in text or end not in text: return text
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{table_md}\n{end}{rest.split(end, 1)[1]}"
 
 def verdict_figure(table: pd.DataFrame):
     "Every claim row's verdict as a coloured square: the claims along x, the verdicts along y."
@@ -347,7 +420,130 @@ def write_ledger(*, profile: str = 'quick', findings: Mapping | None = None, nbs
     atomic_write(folder / 'findings.csv', table.to_csv(index=False))
     atomic_write(folder / 'FINDINGS.md', ledger_markdown(table, profile=profile))
     savefig(verdict_figure(table), 'findings_verdicts', folder=folder)
+    readme = project_root() / 'README.md'
+    if folder.resolve() == (project_root() / 'figures').resolve() and readme.is_file():
+        text = readme.read_text()
+        new = with_headline(text, headline_markdown(table, findings=findings, link=os.path.relpath(folder, readme.parent)))
+        if new != text: atomic_write(readme, new)
     return table
+
+# %% ../nbs/10_experiments.ipynb #e1000031
+PUBLISH_ENV = {'VLM_LAB_FIGURES': 'figures'}
+SUMMARY_ID = 'summary'
+_WIDGET = 'application/vnd.jupyter.widget-view+json'
+_TMP_PATH = re.compile(r'(?:/private)?(?:/var)?/tmp/[^\s\'"<>]*')
+
+def _text(v) -> str: return ''.join(v) if isinstance(v, list) else v
+
+def scrub(text: str, *, root: str | Path | None = None) -> str:
+    "`text` without machine-specific paths: the project root -> '.', the home folder -> '~', a temp path -> '<tmp>'."
+    root = str(Path(root or project_root()).resolve())
+    text = text.replace(root + os.sep, '').replace(root, '.')
+    return _TMP_PATH.sub('<tmp>', text.replace(str(Path.home()) + os.sep, '~' + os.sep))
+
+def clean_outputs(outputs: Sequence[Mapping], *, root: str | Path | None = None) -> list[dict]:
+    "A code cell's outputs as published: widget views and stderr dropped, paths scrubbed, execution counts cleared."
+    kept = []
+    for o in outputs:
+        o = dict(o)
+        if o.get('output_type') == 'stream':
+            if o.get('name') == 'stderr': continue
+            o['text'] = scrub(_text(o['text']), root=root)
+        elif 'data' in o:
+            data = {k: v for k, v in o['data'].items() if k != _WIDGET}
+            if _WIDGET in o['data'] and set(data) <= {'text/plain'}: continue      # a widget's text stand-in
+            o['data'] = {k: scrub(_text(v), root=root) if k.startswith('text/') else v for k, v in data.items()}
+        if 'execution_count' in o: o['execution_count'] = None
+        kept.append(o)
+    return kept
+
+def published(source: Mapping, executed: Mapping, *, summary: str | None = None,
+              root: str | Path | None = None) -> dict:
+    "The committed notebook `source` with `executed`'s outputs (by cell id), cleaned; `summary` as its second cell."
+    import copy, nbformat
+    from nbdev.clean import clean_nb
+    from nbformat.v4.rwbase import split_lines
+    outputs = {c.get('id'): c.get('outputs', []) for c in executed['cells'] if c['cell_type'] == 'code'}
+    nb = copy.deepcopy(dict(source))
+    missing = [c.get('id') for c in nb['cells'] if c['cell_type'] == 'code' and c.get('id') not in outputs]
+    if missing: raise ValueError(f"the executed copy lacks code cell(s) {', '.join(map(str, missing))} of the "
+                                 "notebook: it was edited during the run; publish again")
+    for c in nb['cells']:
+        if c['cell_type'] == 'code': c['outputs'] = clean_outputs(outputs[c['id']], root=root)
+    nb['cells'] = [c for c in nb['cells'] if c.get('id') != SUMMARY_ID]
+    if summary is not None:
+        nb['cells'].insert(1, dict(cell_type='markdown', id=SUMMARY_ID, metadata={}, source=summary))
+    nb['metadata'].pop('widgets', None)
+    nb = split_lines(nbformat.from_dict(nb))
+    clean_nb(nb, allowed_cell_metadata_keys=['tags'])
+    return nb
+
+def write_published(nb: Mapping, path: str | Path) -> bool:
+    "Write a published notebook in the committed form (nbformat's, as JupyterLab writes it); whether it changed."
+    import nbformat
+    text = nbformat.writes(nbformat.from_dict(dict(nb))) + '\n'
+    path = Path(path)
+    if path.is_file() and path.read_text() == text: return False
+    atomic_write(path, text)
+    return True
+
+# %% ../nbs/10_experiments.ipynb #e1000033
+def summary_markdown(run: Mapping, *, findings: Mapping | None = None, nbs: str | Path | None = None) -> str:
+    "A finding notebook's opening summary, generated from its canonical run's result JSON (`run`: a planned run)."
+    from vlm_lab.claims import CLAIMS
+    findings = FINDINGS if findings is None else findings
+    entry, record = findings[run['notebook']], json.loads(Path(run['result']).read_text())
+    rows = pd.DataFrame(record['verdicts'])
+    figures = [f for f in rows.get('figure', pd.Series(dtype=object)).dropna() if f]
+    fig = next((f for f in figures if f.startswith(entry.get('headline', '') + '__')), figures[0] if figures else None)
+    main = rows[rows.claim == entry.get('main')]
+    text = {c.key: c.text for c in CLAIMS}
+    versions = ', '.join(f"{k} {v}" for k, v in (record.get('versions') or {}).items() if k in LIBRARIES)
+    ids = record.get('claims') or sorted(set(rows.get('id', [])))
+    lines = [
+        '## Summary',
+        f"*Generated by `vlm_lab reproduce --publish` from this notebook's canonical `{record['params']['profile']}` "
+        "run; the next publish rewrites it.*",
+        f"**Tested**: {len(rows)} verdict rows on claims {', '.join(ids)} of finding {entry['finding']} "
+        f"({entry['title']}), on {record.get('device')} with {record.get('threads')} threads ({versions}; code "
+        f"version {record.get('code_version')}). Parameters: `{_shown(record['params'])}`.",
+        f"**Verdicts**: {verdict_counts(run['result'])}."]
+    if len(main):
+        m = main.iloc[0]
+        lines.append(f"**Headline**: {m.claim}, {text.get(m.claim, '')}: **{m.verdict}** (measured {m.measured}, "
+                     f"n={m.n}; the note: {m.note}).")
+    lines.append(_md_table(rows[['claim', 'note', 'measured', 'n', 'verdict']]))
+    if fig:
+        folder = Path(nbs) if nbs else nbs_dir()
+        lines.append(f"![{entry['title']}: the headline figure]({_link(fig, folder)})")
+    return '\n\n'.join(lines)
+
+def publish_runs(runs: Sequence[Mapping], *, profile: str = 'quick', findings: Mapping | None = None,
+                 nbs: str | Path | None = None, prune_before: float | None = None) -> list[dict]:
+    """Publish the canonical runs `runs`: copy each finding's result beside the ledger (figures/results/, so the
+    committed ledger's links resolve), rewrite the ledger, and write each successful run's notebook back with its
+    outputs (a finding's with its summary); the runs, each with `published` ('updated' | 'unchanged' | ''). With
+    `prune_before` (a time) and every run done, remove tracked figures last written before it: no run wrote them."""
+    findings = FINDINGS if findings is None else findings
+    kept = project_root() / 'figures' / 'results'
+    for r in runs:
+        if r['status'] == 'done' and r.get('result'):
+            atomic_write(kept / Path(r['result']).name.replace('.json', f"__{r['notebook']}.json"),
+                         Path(r['result']).read_text())
+    write_ledger(profile=profile, findings=findings, nbs=nbs, folder=project_root() / 'figures')
+    out = []
+    for r in runs:
+        state = ''
+        if r['status'] == 'done':
+            summary = summary_markdown(r, findings=findings, nbs=nbs) if r['notebook'] in findings else None
+            nb = published(json.loads(Path(r['path']).read_text()), json.loads(Path(r['out']).read_text()),
+                           summary=summary)
+            state = 'updated' if write_published(nb, r['path']) else 'unchanged'
+        out.append(dict(r, published=state))
+    if prune_before is not None and all(r['status'] == 'done' for r in runs):
+        for f in (project_root() / 'figures').glob('*.png'):
+            if f.name != 'findings_verdicts.png' and f.stat().st_mtime < prune_before: f.unlink()
+    return out
 
 # %% ../nbs/10_experiments.ipynb #e1000022
 def _refuse(message: str) -> int:
@@ -404,11 +600,13 @@ def _reproduce_command(args) -> int:
             client = Client(args.scheduler) if args.scheduler else Client(n_workers=workers, threads_per_worker=1)
         threads = None if args.scheduler else max(1, _cores() // workers)       # a cluster's workers: their own
         table = reproduce(profile=args.profile, only=args.only, workers=workers, threads=threads,
-                          executor=client.get_executor() if client else None, progress=sys.stderr.isatty())
+                          executor=client.get_executor() if client else None, progress=sys.stderr.isatty(),
+                          publish=args.publish)
     except (ValueError, FileNotFoundError) as e: return _refuse(f"reproduce: {e}")
     finally:
         if client: client.close()
-    print(table[['run', 'params', 'status', 'seconds', 'verdicts']].to_string(index=False))
+    cols = ['run', 'params', 'status', *(['published'] if args.publish else []), 'seconds', 'verdicts']
+    print(table[cols].to_string(index=False))
     for r in table[table.status == 'failed'].itertuples():
         print(f"failed: {r.run} {r.params}: {r.error}\n  executed notebook: {_rel(r.executed)}", file=sys.stderr)
     print(f"ledger ({args.profile}): {_rel(ledger_dir() / 'FINDINGS.md')}")
@@ -434,6 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rp.add_argument('--executor', choices=('local', 'dask'), default='local', help='a local process pool, or Dask')
     rp.add_argument('--scheduler', help='a Dask scheduler address (default: a local Dask cluster)')
     rp.add_argument('--ledger-only', action='store_true', help='rewrite the ledger from existing results; run nothing')
+    rp.add_argument('--publish', action='store_true',
+                    help="also rerun every notebook's canonical run and write it back to nbs/ with its outputs, "
+                         "refreshing the tracked figures/ and README's table")
     lg = sub.add_parser('ledger', help='rewrite FINDINGS.md, findings.csv and the verdict figure from the results')
     lg.add_argument('--profile', choices=PROFILES, default='quick', help="whose canonical runs (default: quick)")
     sub.add_parser('bench', help="11_performance's benchmarks (see vlm_lab bench --help)")
