@@ -463,11 +463,13 @@ def published(source: Mapping, executed: Mapping, *, summary: str | None = None,
     import copy, nbformat
     from nbdev.clean import clean_nb
     from nbformat.v4.rwbase import split_lines
-    outputs = {c.get('id'): c.get('outputs', []) for c in executed['cells'] if c['cell_type'] == 'code'}
+    ran = {c.get('id'): c for c in executed['cells'] if c['cell_type'] == 'code'}
+    outputs = {i: c.get('outputs', []) for i, c in ran.items()}
     nb = copy.deepcopy(dict(source))
-    missing = [c.get('id') for c in nb['cells'] if c['cell_type'] == 'code' and c.get('id') not in outputs]
-    if missing: raise ValueError(f"the executed copy lacks code cell(s) {', '.join(map(str, missing))} of the "
-                                 "notebook: it was edited during the run; publish again")
+    changed = [c.get('id') for c in nb['cells'] if c['cell_type'] == 'code'
+               and (c.get('id') not in ran or _text(c['source']) != _text(ran[c['id']]['source']))]
+    if changed: raise ValueError(f"the executed copy lacks code cell(s) {', '.join(map(str, changed))} as the "
+                                 "notebook has them: it was edited during the run; publish again")
     for c in nb['cells']:
         if c['cell_type'] == 'code': c['outputs'] = clean_outputs(outputs[c['id']], root=root)
     nb['cells'] = [c for c in nb['cells'] if c.get('id') != SUMMARY_ID]
