@@ -6,16 +6,30 @@ PYTHON ?= python3
 NB     ?= 05
 PARAMS ?= -p layers 4
 
-.PHONY: setup test nbtest pytest stability reproduce publish run bench lab export clean
+# requirements.lock's header shows this command; pip-tools runs from a throw-away venv, never from .venv.
+# `make lock` keeps the lock's pins and adds or drops what pyproject.toml changed; `make lock LOCK_ARGS=--upgrade`
+# moves every pin to the newest release (torch stays at constraints.txt's 2.13.0).
+PIP_TOOLS   ?= pip-tools==7.6.2
+LOCK_ARGS   ?=
+PIP_COMPILE := pip-compile --allow-unsafe --build-deps-for=editable --constraint=constraints.txt --extra=dev \
+  --generate-hashes --no-emit-find-links --no-emit-index-url --output-file=requirements.lock --strip-extras \
+  pyproject.toml
+
+.PHONY: setup lock test nbtest pytest stability reproduce publish run bench lab export clean
 setup: $(VENV)/.installed
 
-# torch first and pinned: 2.13.0 is a CPU build that installs fast; a bare `torch` could pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# The lock's exact versions, hash-checked (torch is the 2.13.0 CPU build), then the package itself without
+# dependencies, built by the lock's setuptools (no isolated build environment to download).
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+lock:                                ## regenerate requirements.lock from pyproject.toml (dev extra) and constraints.txt
+	@tmp=$$(mktemp -d) && $(PYTHON) -m venv $$tmp && $$tmp/bin/pip install -q $(PIP_TOOLS) && \
+	  $$tmp/bin/$(PIP_COMPILE) --quiet $(LOCK_ARGS); status=$$?; rm -rf $$tmp; exit $$status
 
 test: setup nbtest pytest            ## nbdev_test over every notebook, then pytest over tests/
 
