@@ -516,8 +516,10 @@ def summary_markdown(run: Mapping, *, findings: Mapping | None = None, nbs: str 
                      f"n={m.n}; the note: {m.note}).")
     lines.append(_md_table(rows[['claim', 'note', 'measured', 'n', 'verdict']]))
     if fig:
-        folder = Path(nbs) if nbs else nbs_dir()
-        lines.append(f"![{entry['title']}: the headline figure]({_link(fig, folder)})")
+        tracked = project_root() / 'figures' / fig                  # published beside the ledger, else the run's
+        path = tracked if tracked.is_file() else results_dir() / 'figures' / fig
+        link = os.path.relpath(path, Path(nbs) if nbs else nbs_dir())
+        lines.append(f"![{entry['title']}: the headline figure]({link})")
     return '\n\n'.join(lines)
 
 def publish_runs(runs: Sequence[Mapping], *, profile: str = 'quick', findings: Mapping | None = None,
@@ -538,8 +540,11 @@ def publish_runs(runs: Sequence[Mapping], *, profile: str = 'quick', findings: M
         state = ''
         if r['status'] == 'done':
             summary = summary_markdown(r, findings=findings, nbs=nbs) if r['notebook'] in findings else None
-            nb = published(json.loads(Path(r['path']).read_text()), json.loads(Path(r['out']).read_text()),
-                           summary=summary)
+            try: nb = published(json.loads(Path(r['path']).read_text()), json.loads(Path(r['out']).read_text()),
+                                summary=summary)
+            except ValueError as e:                      # edited while it ran: left as it is, the others go on
+                out.append(dict(r, status='failed', error=f"not published: {e}", published=''))
+                continue
             state = 'updated' if write_published(nb, r['path']) else 'unchanged'
         out.append(dict(r, published=state))
     if prune_before is not None and all(r['status'] == 'done' for r in runs):
