@@ -162,7 +162,7 @@ class FoveatedConfig:
         check_int('top_k', self.top_k, min=0)
 
 class FoveatedEncoder(nn.Module):
-    "Learned queries (B, L, query_dim) read a frozen ViT's cached frames (shallow or deep); hook points for diagnostics."
+    "Learned queries (B, L, query_dim) read a frozen ViT's cached frames (shallow or deep), through hook points."
     def __init__(self, vision: VisionEncoder, cfg: FoveatedConfig | None = None, **kw):
         super().__init__()
         self.cfg = cfg = replace(cfg or FoveatedConfig(), **kw)
@@ -282,12 +282,14 @@ class ClipFeatures:
         self.cache, self.latent, self.target = cache, latent, target
         self.n, self.T = latent.shape[:2]
 
-    def _frames(self, idx: torch.Tensor) -> torch.Tensor: return (idx[:, None] * self.T + torch.arange(self.T)).flatten()
+    def _frames(self, idx: torch.Tensor) -> torch.Tensor:
+        return (idx[:, None] * self.T + torch.arange(self.T)).flatten()             # (B*T,) frame rows
 
     def batch(self, idx: torch.Tensor) -> dict:
         "Clips `idx` as a model batch: cache of their B*T frames (float32), latent (B, T, Dl), target (B, T, Dt)."
         idx = torch.as_tensor(idx)
-        return dict(cache=select_frames(self.cache, self._frames(idx)), latent=self.latent[idx], target=self.target[idx])
+        return dict(cache=select_frames(self.cache, self._frames(idx)), latent=self.latent[idx],
+                    target=self.target[idx])
 
 def clip_features(vision: VisionEncoder, video, *, task: str = 'note', kv: bool = True, stats: dict | None = None,
                   dtype: torch.dtype = torch.float16) -> tuple[ClipFeatures, dict]:
