@@ -131,6 +131,41 @@ def test_gradient_dilution_small_run(tmp_path, mode):
 
 
 @pytest.mark.parametrize('params,message', [
+    ((('mode', 'half'),), "parameter mode='half' is invalid"),
+    ((('q_std', -1.0),), 'parameter q_std=-1.0 is invalid'),
+    ((('region_fixes', 'temperature,magic'),), "parameter region_fixes='magic' is invalid"),
+    ((('seeds', 2), ('side_seeds', '3')), 'expected a subset of seeds'),
+])
+def test_query_init_bad_parameters_write_nothing(tmp_path, params, message):
+    r = run_nb('07_query_init.ipynb', tmp_path / 'out.ipynb', tmp_path, *params)
+    assert r.returncode != 0
+    assert message in r.stderr + r.stdout
+    assert written(tmp_path) == []
+
+
+def test_query_init_small_run(tmp_path):
+    "The smallest run: every QI claim gets a row, the exact checks hold at any scale, nothing noisy is decided."
+    r = run_nb('07_query_init.ipynb', tmp_path / 'out.ipynb', tmp_path, ('q_std', 0.02), ('mode', 'shallow'),
+               ('seeds', 2), ('side_seeds', 1), ('init_seeds', 2), ('steps', 2), ('n_clips', 8), ('test_clips', 4),
+               ('frames', 3), ('timing_repeats', 2), ('fix', 'temperature'), ('region_fixes', 'frozen'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads(next((tmp_path / 'results' / '07_query_init').glob('*.json')).read_text())
+    assert rec['params']['mode'] == 'shallow' and rec['params']['seeds'] == [0, 1]
+    check_table(rec['verdicts'], 'QI')
+    rows = {r['claim']: r for r in rec['verdicts']}
+    assert all(r['verdict'] in ('inconclusive', 'not tested') for r in rec['verdicts'] if r['kind'] in NOISY)
+    assert rows['QI-12']['verdict'] == 'mechanism'                    # LayerNorm: scale invariant at any scale
+    assert rows['QI-5']['verdict'] == 'refuted' and '|loss change|' in rows['QI-5']['measured']   # no batch norm
+    assert rows['QI-8 [16 frames]']['verdict'] == 'not tested'                  # long clips: full profile only
+    assert rows['QI-11 [note: contrastive]']['verdict'] == 'not tested'         # fix='temperature' ran only that one
+    assert sorted(set(rec['metrics']['runs']['condition'])) == [
+        'note/base', 'note/passes 3', 'note/temperature', 'small-region/base']
+    files = written(tmp_path)
+    for fig in ('qi_init_grid', 'qi_attention_maps', 'qi_fine_coarse_ratio', 'qi_time_ratio'):
+        assert any(f.startswith(f'results/figures/{fig}') for f in files), fig
+
+
+@pytest.mark.parametrize('params,message', [
     ((('profile', 'fast'),), "parameter profile='fast' is invalid"),
     ((('sections', 'block,gpu'),), "parameter sections='gpu' is invalid"),
     ((('device', 'tpu'),), "parameter device='tpu' is invalid"),
