@@ -32,8 +32,8 @@ class GradientDilutionParams(Params):
     "Parameters of finding GD (06_gradient_dilution); None takes the profile's value."
     notebook: ClassVar[str] = '06_gradient_dilution'
     PROFILES: ClassVar = {
-        'quick': dict(modes='none,full,fixed,learnable,normalized,gated', seeds=8, grad_seeds=8, epochs=4,
-                      n_samples=300, test_size=200, loops=1, deep_layers=24),
+        'quick': dict(modes=','.join(MODES), seeds=8, grad_seeds=8, epochs=4, n_samples=300, test_size=200, loops=1,
+                      deep_layers=24),
         'full': dict(modes=','.join(MODES), seeds=10, grad_seeds=32, epochs=20, n_samples=2000, test_size=1000,
                      loops=3, deep_layers=24)}
     mode: str = param('normalized', choices=MODES)
