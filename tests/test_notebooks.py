@@ -113,7 +113,7 @@ def test_gradient_dilution_bad_parameters_write_nothing(tmp_path, params, messag
 
 @pytest.mark.parametrize('mode', ['full', 'gated'])
 def test_gradient_dilution_small_run(tmp_path, mode):
-    budget = ('epochs', 2) if mode == 'full' else ('steps', 7)         # 240 training scenes: 4 steps an epoch
+    budget = ('epochs', 2) if mode == 'full' else ('steps', 7)         # 240 training scenes: 8 steps of 32 an epoch
     r = run_nb('06_gradient_dilution.ipynb', tmp_path / 'out.ipynb', tmp_path, ('mode', mode), ('modes', 'fixed'),
                ('seeds', 2), ('grad_seeds', 3), budget, ('n_samples', 300), ('test_size', 40))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -124,7 +124,9 @@ def test_gradient_dilution_small_run(tmp_path, mode):
     check_table(rec['verdicts'], 'GD')
     assert rows['GD-4']['verdict'] == 'not tested' and 'learnable' in rows['GD-4']['why']   # not trained
     assert [c for c in rows if c.startswith('GD-9')] == [f'GD-9 [scale {s}]' for s in ('0.3', '1', '3', '10', '30')]
+    assert 'GD-1 direction [24-block ViT, raw context]' in rows and 'GD-5 [LayerNorm on the context]' in rows
     ratios = rec['metrics']['ratios']
+    assert {'ratio', 'branch_stream', 'predicted'} <= set(ratios)       # every ratio beside its operating point
     if mode == 'gated':                                                # a zero gate adds nothing: ratio exactly 1
         assert all(abs(x - 1) < 1e-9 for m, x in zip(ratios['mode'], ratios['ratio']) if m == 'gated')
     assert any(f.startswith('results/figures/gd_gradient_ratio') for f in written(tmp_path))

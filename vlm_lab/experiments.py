@@ -40,7 +40,8 @@ FINDINGS: dict[str, dict] = {
         finding='GD', title='gradient dilution', params='vlm_lab.context_branch:GradientDilutionParams',
         main='GD-1 direction', headline='gd_gradient_ratio',
         quick=[{}, {'mode': 'gated'}],
-        full=[{}, {'mode': 'full'}, {'mode': 'fixed'}, {'mode': 'learnable'}, {'mode': 'gated'}]),
+        full=[{}, {'mode': 'full'}, {'mode': 'fixed'}, {'mode': 'learnable'}, {'mode': 'layernorm'},
+              {'mode': 'gated'}]),
 }
 
 def nbs_dir() -> Path:
