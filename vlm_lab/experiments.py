@@ -42,6 +42,11 @@ FINDINGS: dict[str, dict] = {
         quick=[{}, {'mode': 'gated'}],
         full=[{}, {'mode': 'full'}, {'mode': 'fixed'}, {'mode': 'learnable'}, {'mode': 'layernorm'},
               {'mode': 'gated'}]),
+    '07_query_init': dict(
+        finding='QI', title='query initialisation', params='vlm_lab.foveated:QueryInitParams',
+        main='QI-1 output correlation', headline='qi_init_grid',
+        quick=[{}, {'q_std': 0.02, 'mode': 'shallow'}],
+        full=[{}, {'q_std': 0.02, 'mode': 'shallow', 'proj_bias': True}, {'query_norm': True}, {'mode': 'shallow'}]),
 }
 
 def nbs_dir() -> Path:
