@@ -158,3 +158,16 @@ def test_publish_writes_the_notebooks_back_with_their_outputs_and_a_summary(toy,
     before = text
     t = ex.reproduce(findings=reg, nbs=toy, progress=False, publish=True)
     assert list(t.published) == ['unchanged', ''] and nb.read_text() == before      # same result: same file
+
+
+def test_ledger_marks_rows_whose_versions_differ_from_the_lock(tmp_path):
+    lock = tmp_path / 'requirements.lock'
+    lock.write_text("# via pip-compile\ntorch==2.13.0+cpu \\\n    --hash=sha256:ab\nPEFT==0.21.2 \\\n    --hash=sha256:cd\n"
+                    "transformers==5.24.0 ; python_version >= '3.10' \\\n    --hash=sha256:ef\n")
+    pins = ex.lock_versions(lock)
+    assert pins == {'torch': '2.13.0+cpu', 'peft': '0.21.2', 'transformers': '5.24.0'}
+    assert ex.off_lock({'torch': '2.13.0', 'peft': '0.21.2', 'transformers': '5.24.0', 'accelerate': '1.0'}, pins) == ''
+    assert ex.off_lock({'peft': '0.22.0', 'transformers': None}, pins) == 'peft 0.22.0 (lock 0.21.2)'
+    assert ex.lock_versions(tmp_path / 'none.lock') == {}
+    repo = ex.lock_versions(Path(__file__).parents[1] / 'requirements.lock')      # the lab's own lock
+    assert {'torch', 'transformers', 'peft', 'accelerate'} <= set(repo)

@@ -3,7 +3,7 @@ finding runs at its quick defaults twice: seeds 0.. in one-thread workers, and s
 thread (other rounding). No row may flip between `reproduced` and `refuted`, and the rows the tables call robust (at
 least 8 samples and an estimated replication of 80% or more; in simulation such rows replicate about 85% of the
 time) must mostly keep their verdict: at least 70% of them over the findings. Timing rows follow the machine's load,
-not the seeds, and are left out. Slow (two quick runs per finding, about 16 minutes): `make stability`."""
+not the seeds, and are left out. Slow (two quick runs per finding, about 25 minutes): `make stability`."""
 import json
 
 import pandas as pd
@@ -15,7 +15,8 @@ from vlm_lab.findings import robust, verdict_changes
 DECIDED = ('reproduced', 'refuted')
 seeds = lambda n: ','.join(str(100 + i) for i in range(n))
 OTHER = {'05_fusion_depth.ipynb': (('seeds', seeds(8)), ('side_seeds', seeds(5))),
-         '06_gradient_dilution.ipynb': (('seeds', seeds(8)), ('grad_seeds', seeds(8)))}
+         '06_gradient_dilution.ipynb': (('seeds', seeds(8)), ('grad_seeds', seeds(8))),
+         '07_query_init.ipynb': (('seeds', seeds(8)), ('side_seeds', seeds(5)), ('init_seeds', seeds(8)))}
 
 
 def quick_table(nb, root, *params):
