@@ -48,6 +48,7 @@ def check_table(rows, finding):
     ((('seeds', 2), ('side_seeds', '5')), 'expected a subset of seeds'),
     ((('low_gate_init', 3.0),), 'expected below gate_init'),
     ((('test_size', 50),), 'parameter test_size=50 is invalid'),
+    ((('gate_at', 'input'),), "parameter gate_at='input' is invalid"),
 ])
 def test_fusion_depth_bad_parameters_write_nothing(tmp_path, params, message):
     r = run_nb('05_fusion_depth.ipynb', tmp_path / 'out.ipynb', tmp_path, *params)
@@ -69,14 +70,19 @@ def test_fusion_depth_small_run(tmp_path, layers):
     rec = json.loads((tmp_path / results[0]).read_text())
     assert rec['params']['layers'] == layers and rec['params']['seeds'] == [0, 1]
     runs = rec['metrics']['runs']
-    assert sorted(set(zip(runs['condition'], runs['depth']))) == sorted(
-        [('base', 2), ('deep', layers), ('low gate', 2), ('scratch half', layers), ('warm', layers)])
+    assert sorted(set(zip(runs['condition'], runs['depth'], runs['gate_at']))) == sorted(
+        [('base', 2, 'output'), ('deep', layers, 'output'), ('low gate', 2, 'output'), ('scratch half', layers, 'output'),
+         ('warm', layers, 'output'), ('base @tokens', 2, 'tokens'), ('low gate @tokens', 2, 'tokens')])
     rows = {r['claim']: r for r in rec['verdicts']}
     check_table(rec['verdicts'], 'FD')
     assert all(r['verdict'] in ('inconclusive', 'not tested') for r in rec['verdicts'] if r['kind'] in NOISY)
     assert 'max |logit change| 0.0e+00' in rows['FD-9 loading']['measured']    # the mechanism: a grown model is exact
     assert rows['FD-6']['verdict'] == 'inconclusive'                   # the plausible shapes give 8.4M to 25.2M
     assert rows['FD-8']['verdict'] == 'not tested'                                 # no grid in this run
+    flops = rec['metrics']['flops']                                    # exact: more layers, more FLOPs, same batches
+    assert all(f[str(layers)] > f['2'] > 0 for f in flops.values()) and set(flops) == {
+        'cached features', 'backbones every step'}
+    assert rows['FD-7 FLOPs, cached features']['kind'] == 'mechanism' and 'FD-10 direction [gate at tokens]' in rows
     assert any(f'layers={layers}' in f and f.startswith('results/figures/fd_accuracy_drop_gate_vs_depth') for f in files)
     assert not any(f.startswith('figures/') for f in files)               # runs never write the tracked figures/
 

@@ -21,7 +21,7 @@ from .core import (CI, check_bool, check_choice, check_float, check_int, check_s
                           save_result)
 
 # %% auto #0
-__all__ = ['MIN_SAMPLES', 'ROBUST_SAMPLES', 'POWER', 'VERDICTS', 'TABLE_COLUMNS', 'bootstrap_ci', 'ci95', 'decides',
+__all__ = ['MIN_SAMPLES', 'ROBUST_SAMPLES', 'POWER', 'VERDICTS', 'TABLE_COLUMNS', 'bootstrap_ci', 'median_ci', 'ci95', 'decides',
            'verdict_range', 'verdict_direction', 'verdict_equivalence', 'claim_verdict', 'decide_power', 'robust',
            'replication', 'seeds_to_resolve', 'simulate_rules', 'VerdictTable', 'verdict_changes', 'param', 'Params',
            'Grid', 'default_workers', 'run_grid']
@@ -36,6 +36,16 @@ def bootstrap_ci(values: Sequence[float], stat: Callable = np.mean, *, n_boot: i
     boots = np.array([stat(x[rng.integers(0, x.size, x.size)]) for _ in range(check_int('n_boot', n_boot, min=100))])
     lo, hi = np.quantile(boots, [(1 - conf) / 2, (1 + conf) / 2])
     return CI(float(stat(x)), float(lo), float(hi), int(x.size))
+
+def median_ci(values: Sequence[float], conf: float = 0.95) -> CI:
+    "Median of `values` with the distribution-free order-statistic interval (binomial ranks; no normality assumed)."
+    x = np.sort(np.asarray(values, dtype=float))
+    n = x.size
+    if n < 2: raise ValueError(f"median_ci needs at least 2 values, got {n}")
+    k = int(stats.binom.ppf((1 - conf) / 2, n, 0.5))               # P(Binom(n, 1/2) <= k) ~ (1 - conf) / 2
+    if stats.binom.cdf(k, n, 0.5) > (1 - conf) / 2: k -= 1          # keep the coverage at least conf
+    if k < 0: return CI(float(np.median(x)), float(x[0]), float(x[-1]), int(n))   # n < 6: [min, max], below conf
+    return CI(float(np.median(x)), float(x[k]), float(x[n - 1 - k]), int(n))      # ranks k+1 and n-k (1-based)
 
 def ci95(values) -> tuple[float, float]:
     "The Student-t 95% interval of `values` as (low, high): pass as seaborn's `errorbar=ci95`."
@@ -174,12 +184,19 @@ class VerdictTable:
 
     def add_ci(self, key: str, ci: CI | Callable[[], CI], *, values: Sequence[float] | None = None,
                samples: str = 'items', why: str = '', noise: str | None = None, figure=None, digits: int = 1,
-               condition: str | None = None, needs: Mapping[str, bool] | None = None) -> str:
-        "A row from an interval `ci` (e.g. a bootstrap over test items), judged by the claim's rule."
+               condition: str | None = None, needs: Mapping[str, bool] | None = None,
+               decide_if: Mapping[str, bool | Callable[[], bool]] | None = None) -> str:
+        """A row from an interval `ci` (e.g. a bootstrap over test items), judged by the claim's rule; `decide_if`:
+        what the samples must satisfy to decide at all (e.g. timing repeats that agree), else `inconclusive`."""
         claim = self._claim(key, ('direction', 'range', 'equivalence', 'measured'), 'add_ci')
         if (v := self._untested(claim, needs, condition)): return v
         ci = _lazy(ci)
         notes = [why] if why else []
+        failed = [what for what, ok in (decide_if or {}).items() if not bool(_lazy(ok))]
+        if failed and claim.kind != 'measured':
+            notes.append('not decided: ' + '; '.join(failed) + ' fails')
+            return self._row(claim, 'inconclusive', ci=ci, why='; '.join(notes), noise=noise, figure=figure,
+                             digits=digits, condition=condition)
         if claim.kind == 'measured':
             return self._row(claim, 'measured', ci=ci, why='; '.join(notes or ["the note's number describes its own "
                              "data"]), noise=noise, figure=figure, digits=digits, condition=condition)

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import check_bool, check_float, check_int, masked_mean
+from .core import check_bool, check_choice, check_float, check_int, masked_mean
 
 # %% auto #0
-__all__ = ['HookPoint', 'CrossAttention', 'FeedForward', 'GatedCrossAttentionBlock', 'block_param_count', 'FusionStack',
-           'VisionGate', 'VQAConfig', 'VQAModel', 'vqa_param_count', 'grow_fusion']
+__all__ = ['GATE_PLACEMENTS', 'HookPoint', 'CrossAttention', 'FeedForward', 'GatedCrossAttentionBlock', 'block_param_count',
+           'FusionStack', 'VisionGate', 'VQAConfig', 'VQAModel', 'vqa_param_count', 'grow_fusion']
 
 # %% ../nbs/02b_fusion.ipynb #124d6af4
 class HookPoint(nn.Identity):
@@ -97,8 +97,10 @@ class FusionStack(nn.Module):
             else: x = layer(x, media, media_mask)
         return x
 
+GATE_PLACEMENTS = ('output', 'tokens')   # where VQAModel applies its vision gate (see above)
+
 class VisionGate(nn.Module):
-    "Sigmoid gate on vision tokens: x * sigmoid(gate_logit), one logit per channel (or one in all), init `init`."
+    "Sigmoid gate: x * sigmoid(gate_logit), one logit per channel (or one in all), init `init`."
     def __init__(self, dim: int, *, init: float = 1.5, per_channel: bool = True):
         super().__init__()
         self.gate_logit = nn.Parameter(torch.full((dim if per_channel else 1,), float(init)))
@@ -121,6 +123,7 @@ class VQAConfig:
     dropout: float = 0.0
     head_hidden: int = 0          # 0: LayerNorm + Linear head; > 0: LayerNorm + Linear + GELU + Linear
     per_channel_gate: bool = True
+    gate_at: str = 'output'       # 'output': on the stack's vision contribution (the note's); 'tokens': on v
 
     def __post_init__(self):
         for k in ('vision_dim', 'text_dim', 'd_model', 'heads', 'dim_head', 'n_answers'):
@@ -132,10 +135,12 @@ class VQAConfig:
         check_float('dropout', self.dropout, min=0, max=1)
         check_bool('vision_gate', self.vision_gate)
         check_bool('per_channel_gate', self.per_channel_gate)
+        check_choice('gate_at', self.gate_at, GATE_PLACEMENTS)
 
 class VQAModel(nn.Module):
-    "Flamingo-style VQA: text tokens cross-attend to (projected, gated) vision tokens; pooled text -> answer logits."
+    "Flamingo-style VQA: text tokens cross-attend to projected vision tokens, a vision gate; pooled text -> answers."
     # hook points: hook_media (B, Nv, d) the vision tokens the fusion sees, hook_fused (B, L, d) the fused text tokens
+    # the head pools (after the vision gate, at gate_at='output')
     def __init__(self, config: VQAConfig | None = None, **kw):
         super().__init__()
         c = self.config = config if config is not None else VQAConfig(**kw)
@@ -219,11 +224,14 @@ class VQAModel(nn.Module):
             raise ValueError(f"vision features have width {vis.shape[-1]}, VQAConfig.vision_dim={c.vision_dim}")
         if txt.shape[-1] != c.text_dim:
             raise ValueError(f"text features have width {txt.shape[-1]}, VQAConfig.text_dim={c.text_dim}")
+        gate = self.vision_gate
         v = self.vision_proj(vis)                                                 # (B, Nv, d)
-        if self.vision_gate is not None: v = self.vision_gate(v)
+        if gate is not None and c.gate_at == 'tokens': v = gate(v)                # absorbable by every to_kv
         v = self.hook_media(v)
         x = self.text_proj(txt)                                                   # (B, L, d)
-        x = self.hook_fused(self.fusion(x, v, batch.get('vision_mask')))          # (B, L, d)
+        f = self.fusion(x, v, batch.get('vision_mask'))                           # (B, L, d)
+        if gate is not None and c.gate_at == 'output': f = x + gate(f - x)        # gate the vision contribution
+        x = self.hook_fused(f)
         pooled = masked_mean(x, mask)                                             # (B, d)
         out = dict(logits=self.head(pooled), pooled=pooled)
         if 'answer' in batch:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .findings import Params, param
-from .fusion import VQAConfig
+from .fusion import GATE_PLACEMENTS, VQAConfig
 
 TEST_SEED = 10_007      # the test draw's seed: apart from every training seed a run uses (0.., 100..)
 
@@ -17,10 +17,10 @@ class FusionDepthParams(Params):
     "Parameters of finding FD (05_fusion_depth); None takes the profile's value."
     notebook: ClassVar[str] = '05_fusion_depth'
     PROFILES: ClassVar = {
-        'quick': dict(seeds=8, side_seeds=5, test_size=5000, epochs=8, d_model=64, grid=False,
-                      grid_sizes='600,1500,3000', grid_depths='1,2,4', timing_repeats=8),
-        'full': dict(seeds=10, side_seeds=10, test_size=10000, epochs=40, d_model=256, grid=True,
-                     grid_sizes='1000,3000,10000', grid_depths='1,2,4,6', timing_repeats=10)}
+        'quick': dict(seeds=8, side_seeds=5, test_size=5000, epochs=8, d_model=64, lr=5e-3, batch_size=64,
+                      grid=False, grid_sizes='600,1500,3000', grid_depths='1,2,4', timing_repeats=12),
+        'full': dict(seeds=10, side_seeds=10, test_size=10000, epochs=30, d_model=256, lr=2e-4, batch_size=16,
+                     grid=True, grid_sizes='1000,3000,10000', grid_depths='1,2,4,6', timing_repeats=24)}
     layers: int = param(4, min=1, max=24)
     baseline_layers: int = param(2, min=1, max=24)
     seeds: list[int] = param(None, count=True)
@@ -30,15 +30,17 @@ class FusionDepthParams(Params):
     epochs: int = param(None, min=2)
     d_model: int = param(None, min=8)
     vision_gate: bool = param(True)
+    gate_at: str = param('output', choices=GATE_PLACEMENTS)
     gate_init: float = param(1.5, min=-10, max=10)
     low_gate_init: float = param(-2.2, min=-10, max=10)
     bias: float = param(0.0, min=0, max=1)
-    lr: float = param(5e-3, min=1e-6, max=1.0)
-    batch_size: int = param(64, min=1)
+    lr: float = param(None, min=1e-6, max=1.0)
+    batch_size: int = param(None, min=1)
     grid: bool = param(None)
     grid_sizes: list[int] = param(None, min=200)
     grid_depths: list[int] = param(None, min=1, max=24)
     timing_repeats: int = param(None, min=2)
+    time_scatter: float = param(0.2, min=0.0)
 
     def check(self):
         if self.layers <= self.baseline_layers:
@@ -56,12 +58,18 @@ class FusionDepthParams(Params):
             raise ValueError(f"parameters grid_sizes={self.grid_sizes}, grid_depths={self.grid_depths} are invalid: "
                              f"the FD-8 grid needs two data sizes and depth 2 plus a deeper one")
 
+    @property
+    def other_gate_at(self) -> str:
+        "The vision-gate placement shown beside `gate_at`."
+        return next(g for g in GATE_PLACEMENTS if g != self.gate_at)
+
     def config(self, num_layers: int, gate_init: float | None = None, vision_dim: int = 128,
-               text_dim: int = 384) -> VQAConfig:
-        "The fusion model of this finding at a depth (and initial vision-gate logit): 4 heads, inner width = width."
+               text_dim: int = 384, gate_at: str | None = None) -> VQAConfig:
+        "The fusion model of this finding at a depth (initial vision-gate logit, placement): 4 heads of width/4."
         return VQAConfig(vision_dim=vision_dim, text_dim=text_dim, d_model=self.d_model, num_layers=num_layers,
                          heads=4, dim_head=self.d_model // 4, ff_mult=4, n_answers=22, vision_gate=self.vision_gate,
-                         gate_init=self.gate_init if gate_init is None else gate_init)
+                         gate_init=self.gate_init if gate_init is None else gate_init,
+                         gate_at=self.gate_at if gate_at is None else gate_at)
 
 # %% auto #0
 __all__ = ['TEST_SEED', 'FusionDepthParams']

@@ -27,7 +27,8 @@ from .trainable import check_lr_groups, check_patterns, group_lr, param_groups
 
 # %% auto #0
 __all__ = ['CHECKPOINT_NAME', 'TIMING_COLUMNS', 'resolve_precision', 'make_accelerator', 'enable_gradient_checkpointing',
-           'save_checkpoint', 'checkpoint_meta', 'load_checkpoint', 'TrainConfig', 'FitResult', 'fit', 'step_time']
+           'save_checkpoint', 'checkpoint_meta', 'load_checkpoint', 'TrainConfig', 'FitResult', 'fit', 'step_time',
+           'step_flops']
 
 # %% ../nbs/03_train.ipynb #6b3bca5a
 def resolve_precision(mixed_precision: str, device: torch.device) -> str:
@@ -425,3 +426,19 @@ def step_time(model: nn.Module, batches, *, optimizer=None, loss_fn: Callable | 
     for b in batches: step(b)
     sync()
     return time.perf_counter() - t0
+
+# %% ../nbs/03_train.ipynb #fb9a0102
+def step_flops(model: nn.Module, batch: Mapping, *, loss_fn: Callable | None = None) -> int:
+    "Matmul FLOPs of one training step's forward and backward pass on `batch` (FlopCounterMode, SDPA as math)."
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    dev, was = model_device(model), model.training
+    model.train()
+    try:
+        b = send_to_device(dict(batch), dev)
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            loss_of(model(b), b, loss_fn).backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was)
+    return int(counter.get_total_flops())
