@@ -42,7 +42,7 @@ nbtest: setup
 pytest: setup
 	$(PY) -m pytest -q tests -m "not slow"
 
-stability: setup                     ## each finding's quick verdicts rerun with other seeds and rounding (~20 min)
+stability: setup                     ## each finding's quick verdicts rerun with other seeds and rounding (~25 min)
 	$(PY) -m pytest -q -s tests/test_stability.py -m slow
 
 reproduce: setup                     ## the main job: every finding's quick sweep and the ledger (make reproduce REPRO="--only 05")
