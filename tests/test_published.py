@@ -70,7 +70,7 @@ def test_committed_notebook_carries_its_outputs_without_machine_noise(nb):
 def test_finding_notebook_agrees_with_the_ledger(name):
     nb = ROOT / 'nbs' / f"{name}.ipynb"
     entry, rows = ex.FINDINGS[name], ledger()
-    rows = rows[(rows.finding == entry['finding']) & (rows.verdict != 'not tested')].set_index('claim')
+    rows = rows[(rows.finding == entry['finding']) & (rows.result != '')].set_index('claim')    # the run's rows
     shown = verdict_table(nb).set_index('claim')
     assert len(rows) and sorted(shown.index) == sorted(rows.index)
     for col in ('verdict', 'measured', 'note', 'n'):
@@ -78,7 +78,8 @@ def test_finding_notebook_agrees_with_the_ledger(name):
     cells = json.loads(nb.read_text())['cells']
     assert cells[1]['id'] == ex.SUMMARY_ID, 'the notebook opens with its generated summary'
     summary = ''.join(cells[1]['source'])
-    for claim, r in rows.iterrows(): assert f"| {claim} | " in summary and f"| {r.verdict} |" in summary
+    for claim, r in rows.iterrows():
+        assert f"| {claim} | {r.note.replace('|', chr(92) + '|')} | " in summary and f"| {r.verdict} |" in summary
     figure = re.search(r'!\[[^]]*\]\(([^)]+)\)', summary)
     assert figure and (nb.parent / figure.group(1)).is_file(), 'the headline figure is committed'
 

@@ -383,12 +383,12 @@ def headline_markdown(table: pd.DataFrame, *, findings: Mapping | None = None, l
     counts, rows = headline(table), []
     for r in counts.to_dict('records'):
         name, entry = by_finding.get(r['finding'], (None, {}))
-        main = table[table.claim == entry.get('main')]
+        main = table[table.claim.str.split(' [', regex=False).str[0] == entry.get('main')]   # its first condition
         if name is None: line = 'no notebook yet'
         elif not len(main) or main.verdict.iloc[0] == 'not tested': line = f"{entry['main']}: not tested yet"
         else:
             m = main.iloc[0]
-            line = (f"{m.claim}, {text[m.claim]}: **{m.verdict}** (measured {m.measured}, n={m.n}; the note: "
+            line = (f"{m.claim}, {text[entry['main']]}: **{m.verdict}** (measured {m.measured}, n={m.n}; the note: "
                     f"{m.note})")
         rows.append({**r, 'finding': f"[{r['finding']}](nbs/{name}.ipynb)" if name else r['finding'],
                      'headline': line})
@@ -504,7 +504,7 @@ def summary_markdown(run: Mapping, *, findings: Mapping | None = None, nbs: str 
     rows = pd.DataFrame(record['verdicts'])
     figures = [f for f in rows.get('figure', pd.Series(dtype=object)).dropna() if f]
     fig = next((f for f in figures if f.startswith(entry.get('headline', '') + '__')), figures[0] if figures else None)
-    main = rows[rows.claim == entry.get('main')]
+    main = rows[rows.claim.str.split(' [', regex=False).str[0] == entry.get('main')]
     text = {c.key: c.text for c in CLAIMS}
     versions = ', '.join(f"{k} {v}" for k, v in (record.get('versions') or {}).items() if k in LIBRARIES)
     ids = record.get('claims') or sorted(set(rows.get('id', [])))
@@ -518,7 +518,7 @@ def summary_markdown(run: Mapping, *, findings: Mapping | None = None, nbs: str 
         f"**Verdicts**: {verdict_counts(run['result'])}."]
     if len(main):
         m = main.iloc[0]
-        lines.append(f"**Headline**: {m.claim}, {text.get(m.claim, '')}: **{m.verdict}** (measured {m.measured}, "
+        lines.append(f"**Headline**: {m.claim}, {text.get(entry['main'], '')}: **{m.verdict}** (measured {m.measured}, "
                      f"n={m.n}; the note: {m.note}).")
     lines.append(_md_table(rows[['claim', 'note', 'measured', 'n', 'verdict']]))
     if fig:
