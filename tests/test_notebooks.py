@@ -28,6 +28,14 @@ def written(root):
 NOISY = ('direction', 'range', 'equivalence')
 
 
+def assert_refused(nb, root, params, message):
+    "A bad parameter: the run fails with a message naming it, and nothing is written."
+    r = run_nb(nb, root / 'out.ipynb', root, *params)
+    assert r.returncode != 0
+    assert message in r.stderr + r.stdout
+    assert written(root) == []
+
+
 def check_table(rows, finding):
     "Every claim of the finding has a row; no noisy row decides from fewer than 5 samples or from zero spread."
     assert {c.id for c in CLAIMS if c.finding == finding} == {r['id'] for r in rows}
@@ -51,10 +59,7 @@ def check_table(rows, finding):
     ((('gate_at', 'input'),), "parameter gate_at='input' is invalid"),
 ])
 def test_fusion_depth_bad_parameters_write_nothing(tmp_path, params, message):
-    r = run_nb('05_fusion_depth.ipynb', tmp_path / 'out.ipynb', tmp_path, *params)
-    assert r.returncode != 0
-    assert message in r.stderr + r.stdout
-    assert written(tmp_path) == []
+    assert_refused('05_fusion_depth.ipynb', tmp_path, params, message)
 
 
 SMALL = (('seeds', 2), ('side_seeds', 2), ('epochs', 2), ('n_samples', 400), ('timing_repeats', 2), ('test_size', 300))
@@ -111,10 +116,7 @@ def test_fusion_depth_grid(tmp_path):
     ((('steps', 100), ('epochs', 4)), 'parameters steps=100 and epochs=4 are both given'),
 ])
 def test_gradient_dilution_bad_parameters_write_nothing(tmp_path, params, message):
-    r = run_nb('06_gradient_dilution.ipynb', tmp_path / 'out.ipynb', tmp_path, *params)
-    assert r.returncode != 0
-    assert message in r.stderr + r.stdout
-    assert written(tmp_path) == []
+    assert_refused('06_gradient_dilution.ipynb', tmp_path, params, message)
 
 
 @pytest.mark.parametrize('mode', ['full', 'gated'])
@@ -145,10 +147,7 @@ def test_gradient_dilution_small_run(tmp_path, mode):
     ((('seeds', 2), ('side_seeds', '3')), 'expected a subset of seeds'),
 ])
 def test_query_init_bad_parameters_write_nothing(tmp_path, params, message):
-    r = run_nb('07_query_init.ipynb', tmp_path / 'out.ipynb', tmp_path, *params)
-    assert r.returncode != 0
-    assert message in r.stderr + r.stdout
-    assert written(tmp_path) == []
+    assert_refused('07_query_init.ipynb', tmp_path, params, message)
 
 
 def test_query_init_small_run(tmp_path):
@@ -179,10 +178,7 @@ def test_query_init_small_run(tmp_path):
     ((('device', 'tpu'),), "parameter device='tpu' is invalid"),
 ])
 def test_performance_bad_parameters_write_nothing(tmp_path, params, message):
-    r = run_nb('11_performance.ipynb', tmp_path / 'out.ipynb', tmp_path, *params)
-    assert r.returncode != 0
-    assert message in r.stderr + r.stdout
-    assert written(tmp_path) == []
+    assert_refused('11_performance.ipynb', tmp_path, params, message)
 
 
 def test_performance_one_section(tmp_path):
