@@ -393,7 +393,8 @@ def headline_markdown(table: pd.DataFrame, *, findings: Mapping | None = None, l
         rows.append({**r, 'finding': f"[{r['finding']}](nbs/{name}.ipynb)" if name else r['finding'],
                      'headline': line})
     every = f"[{link}/FINDINGS.md]({link}/FINDINGS.md)"
-    return '\n'.join([_md_table(pd.DataFrame(rows)), '', f"Every claim, with its measurement, CI, noise and figure: {every}."])
+    tail = f"Every claim, with its measurement, CI, noise and figure: {every}."
+    return '\n'.join([_md_table(pd.DataFrame(rows)), '', tail])
 
 def with_headline(text: str, table_md: str) -> str:
     "README text with the block between README_MARKERS replaced by `table_md` (unchanged without the markers)."
@@ -429,7 +430,8 @@ def write_ledger(*, profile: str = 'quick', findings: Mapping | None = None, nbs
     readme = project_root() / 'README.md'
     if folder.resolve() == (project_root() / 'figures').resolve() and readme.is_file():
         text = readme.read_text()
-        new = with_headline(text, headline_markdown(table, findings=findings, link=os.path.relpath(folder, readme.parent)))
+        link = os.path.relpath(folder, readme.parent)
+        new = with_headline(text, headline_markdown(table, findings=findings, link=link))
         if new != text: atomic_write(readme, new)
     return table
 
