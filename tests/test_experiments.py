@@ -91,6 +91,37 @@ def test_dask_executor_runs_the_sweep(toy, lab_root):
     assert all(json.loads(Path(p).read_text())['code_version'] for p in t.result)
 
 
+SLOW_SWEEP = """
+import sys
+from vlm_lab import experiments as ex
+if __name__ == '__main__':
+    points = [{'sleep': 120.0}, {'sleep': 121.0}]
+    reg = {'toy_finding': dict(finding='FD', title='toy', params='toy_finding:ToyParams', quick=points, full=points)}
+    ex.reproduce(findings=reg, nbs=sys.argv[1], workers=2, progress=False, ledger=False)
+"""
+
+
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGKILL'])
+def test_a_killed_sweep_leaves_no_worker_or_kernel_running(toy, lab_root, sig):
+    import signal, time
+    psutil = pytest.importorskip('psutil')
+    (lab_root / 'sweep.py').write_text(SLOW_SWEEP)
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(toy), os.environ.get('PYTHONPATH', '')])}
+    parent = subprocess.Popen([sys.executable, str(lab_root / 'sweep.py'), str(toy)], env=env, cwd=lab_root,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kernels = lambda: [p for p in psutil.Process(parent.pid).children(recursive=True)
+                       if 'ipykernel_launcher' in ' '.join(p.cmdline())]
+    deadline = time.time() + 120
+    while len(kernels()) < 2 and time.time() < deadline: time.sleep(0.5)
+    family = psutil.Process(parent.pid).children(recursive=True)
+    assert len(kernels()) == 2 and len(family) >= 4, family        # two workers, each running its kernel
+    parent.send_signal(getattr(signal, sig))
+    parent.wait(60)
+    gone, alive = psutil.wait_procs(family, timeout=60)
+    assert alive == [], alive
+    assert not (lab_root / 'results' / 'toy_finding').exists()         # an interrupted run leaves no result
+
+
 @pytest.mark.parametrize('argv,message', [
     (['run', '05', '-p', 'layer', '4'], 'unknown parameter(s) layer for 05_fusion_depth: it takes layers, '),
     (['run', '05', '-p', 'layers', '0'], 'parameter layers=0 is invalid'),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_experiments.ipynb #e1000003
 from __future__ import annotations
-import argparse, ast, hashlib, importlib, json, os, re, sys, threading, time
+import argparse, ast, hashlib, importlib, json, os, re, signal, sys, threading, time
 import multiprocessing as mp
 from collections import Counter
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
@@ -226,6 +226,36 @@ def summary(runs: Sequence[Mapping]) -> pd.DataFrame:
                               if r['status'] != 'failed' else '', error=r['error'], executed=r['out'],
                               result=r['result']) for r in runs])
 
+def _interrupt(signum, frame):
+    "SIGTERM read as Ctrl-C, so that a run's `finally` blocks shut its kernel and its sweep's pool down."
+    raise KeyboardInterrupt(f"signal {signum}")
+
+def _watch_parent(parent: int, grace: float = 20.0):
+    "A pool worker interrupts its run once the sweep that spawned it is gone (even killed outright), then exits."
+    while os.getppid() == parent: time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace)
+    os._exit(128 + signal.SIGTERM)
+
+def _start_worker():
+    "A pool worker's set-up: SIGTERM, or its parent's death, interrupts the run it executes."
+    signal.signal(signal.SIGTERM, _interrupt)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+
+def _execute_in_worker(run: Mapping, env: Mapping[str, Any]) -> dict:
+    "`execute` in a pool worker; an interrupted worker ends (its kernel shut down) rather than take the next run."
+    try: return execute(run, env=env)
+    except KeyboardInterrupt: os._exit(128 + signal.SIGTERM)
+
+def _stop(pool: ProcessPoolExecutor, grace: float = 20.0):
+    "An interrupted sweep's pool: queued runs cancelled, each worker asked to stop its run, killed if it lingers."
+    workers = list((pool._processes or {}).values())       # the executor has no public handle on its processes
+    for w in workers: w.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for w in workers:
+        w.join(grace)
+        if w.is_alive(): w.kill()
+
 def reproduce(*, profile: str = 'quick', only: str | Sequence[str] | None = None, workers: int = 1,
               executor: Executor | None = None, threads: int | None = None, findings: Mapping | None = None,
               nbs: str | Path | None = None, ledger: bool = True, progress: bool = True,
@@ -244,12 +274,16 @@ def reproduce(*, profile: str = 'quick', only: str | Sequence[str] | None = None
     todo = [r for r in runs if r['out'] not in done]
     if threads is None and executor is None: threads = max(1, _cores() // workers)
     env = {} if threads is None else dict(VLM_LAB_THREADS=threads, VLM_LAB_WORKERS=threads)
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn')) if todo and executor is None else None
+    pool = (ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn'), initializer=_start_worker)
+            if todo and executor is None else None)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if pool and main_thread else None
     bar = tqdm(total=len(runs), initial=len(done), desc=f"reproduce {profile}", unit='run', disable=not progress)
     finished = False
     try:
-        futures = {(pool or executor).submit(execute, r, env=env | (PUBLISH_ENV if r['publish'] else {})): r
-                   for r in todo}
+        submit = (lambda r, e: pool.submit(_execute_in_worker, r, e)) if pool else \
+                 (lambda r, e: executor.submit(execute, r, env=e))
+        futures = {submit(r, env | (PUBLISH_ENV if r['publish'] else {})): r for r in todo}
         for f in as_completed(futures):
             r = futures[f]
             try: done[r['out']] = f.result()
@@ -260,7 +294,9 @@ def reproduce(*, profile: str = 'quick', only: str | Sequence[str] | None = None
         finished = True
     finally:
         bar.close()
-        if pool: pool.shutdown(wait=finished, cancel_futures=True)
+        if pool and finished: pool.shutdown()
+        elif pool: _stop(pool)                                 # Ctrl-C or SIGTERM: no worker or kernel outlives it
+        if previous is not None: signal.signal(signal.SIGTERM, previous)
     runs = [done[r['out']] for r in runs]
     if ledger and not publish: write_ledger(profile=profile, findings=findings, nbs=nbs)
     if publish:
@@ -605,6 +641,10 @@ def _reproduce_command(args) -> int:
                           executor=client.get_executor() if client else None, progress=sys.stderr.isatty(),
                           publish=args.publish)
     except (ValueError, FileNotFoundError) as e: return _refuse(f"reproduce: {e}")
+    except KeyboardInterrupt:
+        print("reproduce: interrupted; the runs that finished kept their results, and the same command completes "
+              "only the missing ones", file=sys.stderr)
+        return 130
     finally:
         if client: client.close()
     cols = ['run', 'params', 'status', *(['published'] if args.publish else []), 'seconds', 'verdicts']
