@@ -17,6 +17,15 @@ from vlm_lab.captioning import (
 NB = '09_prefix_vs_cross_attention.ipynb'
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    "Tiny models: one thread (on a shared machine, two threads spend their time waiting on each other)."
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(was)
+
+
 @pytest.fixture(scope='module')
 def lm_tok():
     return load_caption_lm()
@@ -43,7 +52,7 @@ def test_lm_asset_is_small_loads_deterministically_and_knows_the_captions(lm_tok
         assert torch.equal(lm(input_ids=b['input_ids']).logits, lm2(input_ids=b['input_ids']).logits)
     s, n = text_nll(lm, b['input_ids'], b['attention_mask'])
     assert n == int(b['attention_mask'][:, 1:].sum())
-    assert math.exp(s / n) < len(tok) / 4          # far below a uniform guess over the vocabulary: it knows the language
+    assert math.exp(s / n) < len(tok) / 4          # far below a uniform guess over the vocabulary: it knows it
 
 
 def test_tokenizer_round_trip(lm_tok, batch):

@@ -221,7 +221,7 @@ def image_token_features(vision: VisionEncoder, data: ShapesCaptions, image_toke
 
 # %% ../nbs/09_prefix_vs_cross_attention.ipynb #px000021
 class CaptionCrossBlock(nn.Module):
-    "Text queries attend to image keys/values (the lab's CrossAttention), LayerNorm after attention, tanh-gated residual."
+    "Text queries attend to the image (the lab's CrossAttention), LayerNorm after attention, tanh-gated residual."
     def __init__(self, dim: int, *, heads: int = 4, dim_head: int = 16):
         super().__init__()
         self.attn = CrossAttention(dim, heads=heads, dim_head=dim_head)
@@ -380,7 +380,8 @@ def fusion_param_count(c: CaptionerConfig, d: int, layers: int) -> int:
 def matched_config(c: CaptionerConfig, d: int, layers: int) -> tuple[CaptionerConfig, int]:
     "The prefix config whose adapter width matches the cross config `c`'s added parameters; (config, difference)."
     from dataclasses import replace
-    if c.fusion != 'cross': raise ValueError("matched_config matches a prefix Captioner to a cross one: pass the cross config")
+    if c.fusion != 'cross':
+        raise ValueError("matched_config matches a prefix Captioner to a cross one: pass the cross config")
     target, p = fusion_param_count(c, d, layers), replace(c, fusion='prefix', adapter_hidden=1)
     per = adapter_param_count(c.vision_dim, 2, d) - adapter_param_count(c.vision_dim, 1, d)
     p = replace(p, adapter_hidden=max(1, round((target - fusion_param_count(p, d, layers)) / per) + 1))
