@@ -47,6 +47,11 @@ FINDINGS: dict[str, dict] = {
         main='QI-1 output correlation', headline='qi_init_grid',
         quick=[{}, {'q_std': 0.02, 'mode': 'shallow'}],
         full=[{}, {'q_std': 0.02, 'mode': 'shallow', 'proj_bias': True}, {'query_norm': True}, {'mode': 'shallow'}]),
+    '09_prefix_vs_cross_attention': dict(
+        finding='PX', title='prefix vs cross-attention', params='vlm_lab.captioning:CaptionParams',
+        main='PX-2', headline='px_quality_vs_cost',
+        quick=[{}, {'fusion': 'cross'}],
+        full=[{}, {'fusion': 'cross'}, {'fusion': 'cross', 'trainable': 'lora'}, {'trainable': 'lora'}]),
 }
 
 def nbs_dir() -> Path:
