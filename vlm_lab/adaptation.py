@@ -37,7 +37,7 @@ class LoRAParams(Params):
     "Parameters of finding LU (08_lora_vs_unfreeze); None takes the profile's value."
     notebook: ClassVar[str] = '08_lora_vs_unfreeze'
     PROFILES: ClassVar = {
-        'quick': dict(seeds=5, epochs=3, n_samples=400, test_size=150, sweep='2e-4,2e-3', matched=False),
+        'quick': dict(seeds=5, epochs=3, n_samples=400, test_size=200, sweep='2e-4,6e-4,2e-3', matched=False),
         'full': dict(seeds=10, epochs=8, n_samples=4000, test_size=1000, sweep='5e-5,1e-4,3e-4,1e-3,3e-3',
                      matched=True)}
     method: str = param('lora', choices=METHODS)
