@@ -17,6 +17,7 @@ seeds = lambda n: ','.join(str(100 + i) for i in range(n))
 OTHER = {'05_fusion_depth.ipynb': (('seeds', seeds(8)), ('side_seeds', seeds(5))),
          '06_gradient_dilution.ipynb': (('seeds', seeds(8)), ('grad_seeds', seeds(8))),
          '07_query_init.ipynb': (('seeds', seeds(8)), ('side_seeds', seeds(5)), ('init_seeds', seeds(8))),
+         '08_lora_vs_unfreeze.ipynb': (('seeds', seeds(5)),),
          '09_prefix_vs_cross_attention.ipynb': (('seeds', seeds(5)),)}
 
 

@@ -47,6 +47,12 @@ FINDINGS: dict[str, dict] = {
         main='QI-1 output correlation', headline='qi_init_grid',
         quick=[{}, {'q_std': 0.02, 'mode': 'shallow'}],
         full=[{}, {'q_std': 0.02, 'mode': 'shallow', 'proj_bias': True}, {'query_norm': True}, {'mode': 'shallow'}]),
+    '08_lora_vs_unfreeze': dict(
+        finding='LU', title='LoRA vs unfreezing', params='vlm_lab.adaptation:LoRAParams',
+        main='LU-3', headline='lu_pareto',
+        quick=[{}, {'method': 'unfreeze', 'unfreeze_layers': 3}],
+        full=[{}, {'method': 'unfreeze', 'unfreeze_layers': 3}, {'method': 'lora', 'r': 8}, {'method': 'lora_both'},
+              {'method': 'lora', 'target': 'all'}]),
     '09_prefix_vs_cross_attention': dict(
         finding='PX', title='prefix vs cross-attention', params='vlm_lab.captioning:CaptionParams',
         main='PX-2', headline='px_quality_vs_cost',
