@@ -91,6 +91,14 @@ def test_dask_executor_runs_the_sweep(toy, lab_root):
     assert all(json.loads(Path(p).read_text())['code_version'] for p in t.result)
 
 
+@pytest.mark.parametrize('notebook', list(ex.FINDINGS))
+def test_papermill_reads_every_parameter_of_a_finding(notebook):
+    "A parameters-cell line papermill cannot parse (a quote in its comment) would drop that parameter from `-p`."
+    import papermill as pm
+    cell = pm.inspect_notebook(str(ex.find_notebook(notebook)))
+    assert sorted(cell) == sorted(ex.params_class(notebook).names())
+
+
 SLOW_SWEEP = """
 import sys
 from vlm_lab import experiments as ex
