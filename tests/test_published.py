@@ -1,7 +1,7 @@
 """The committed notebooks as a reader finds them (written by `vlm_lab reproduce --publish`): every notebook carries
 its outputs without machine noise, each finding's verdict table and generated summary agree with the committed
 ledger (figures/findings.csv), and README's table of findings is the one the ledger generates."""
-import json, re
+import json, re, subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -93,7 +93,9 @@ def test_readme_table_is_the_ledgers():
     assert block == ex.headline_markdown(table).strip()
 
 
-def test_ledger_links_resolve():
-    for col in ('figure',):
-        for link in ledger()[col]:
-            if link: assert (ROOT / 'figures' / link).resolve().is_file(), link
+def test_ledger_links_resolve_in_a_clone():
+    "Every figure and result the ledger links exists and is not git-ignored, so a fresh clone has it too."
+    links = [(ROOT / 'figures' / l).resolve() for col in ('figure', 'result') for l in ledger()[col].dropna() if l]
+    assert links and all(p.is_file() for p in links), [p for p in links if not p.is_file()]
+    ignored = subprocess.run(['git', 'check-ignore', *map(str, links)], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout == '', ignored.stdout
