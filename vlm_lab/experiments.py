@@ -34,12 +34,12 @@ FINDINGS: dict[str, dict] = {
     '05_fusion_depth': dict(
         finding='FD', title='fusion depth', params='vlm_lab.fusion_depth:FusionDepthParams',
         main='FD-2 direction', headline='fd_accuracy_drop_gate_vs_depth',
-        quick=[{}, {'layers': 6}],
+        quick=[{}],
         full=[{}, {'layers': 6, 'grid': False}, {'baseline_layers': 1, 'layers': 2, 'grid': False}]),
     '06_gradient_dilution': dict(
         finding='GD', title='gradient dilution', params='vlm_lab.context_branch:GradientDilutionParams',
         main='GD-1 direction', headline='gd_gradient_ratio',
-        quick=[{}, {'mode': 'gated'}],
+        quick=[{}],
         full=[{}, {'mode': 'full'}, {'mode': 'fixed'}, {'mode': 'learnable'}, {'mode': 'layernorm'},
               {'mode': 'gated'}]),
     '07_query_init': dict(
@@ -50,12 +50,12 @@ FINDINGS: dict[str, dict] = {
     '08_lora_vs_unfreeze': dict(
         finding='LU', title='LoRA vs unfreezing', params='vlm_lab.adaptation:LoRAParams',
         main='LU-3', headline='lu_pareto',
-        quick=[{}],                                     # the canonical run trains every method
+        quick=[{}],
         full=[{}, {'method': 'unfreeze', 'unfreeze_layers': 1}, {'target': 'all'}]),   # points that add a condition
     '09_prefix_vs_cross_attention': dict(
         finding='PX', title='prefix vs cross-attention', params='vlm_lab.captioning:CaptionParams',
         main='PX-2', headline='px_quality_vs_cost',
-        quick=[{}, {'fusion': 'cross'}],
+        quick=[{}],
         full=[{}, {'fusion': 'cross'}, {'fusion': 'cross', 'trainable': 'lora'}, {'trainable': 'lora'}]),
 }
 
