@@ -149,6 +149,7 @@ def test_same_seed_same_training(tiny):
     (dict(unfreeze_layers=7), 'parameter unfreeze_layers=7 is invalid'),
     (dict(sweep='1e-3,fast'), "parameter sweep='1e-3,fast' is invalid"),
     (dict(sweep='0,1e-3'), 'expected rates in (0, 1]'),
+    (dict(lora_sweep='1e-3,2'), "parameter lora_sweep='1e-3,2' is invalid"),
     (dict(method='frozen', r=8), "configure an adapted encoder: method='frozen'"),
     (dict(seeds=0), 'parameter seeds=0 is invalid'),
     (dict(bogus=1), "unknown parameter(s) ['bogus']"),
@@ -160,7 +161,11 @@ def test_bad_parameters_are_named(given, message):
 
 def test_params_defaults_and_one_rate_sweep():
     p = ad.LoRAParams.resolve(dict(sweep=1e-3))
-    assert p.sweep == ['0.001'] and p.rates() == [1e-3] and p.alpha == 32 and p.seeds == list(range(5))
+    assert p.sweep == ['0.001'] and p.rates('unfreeze') == p.rates('lora') == [1e-3] and p.alpha == 32
+    assert p.seeds == list(range(5))
+    q = ad.LoRAParams.resolve({})                                # each family sweeps its own rates, LoRA's higher
+    assert q.sweep is None and q.rates('unfreeze') == [6e-5, 2e-4, 6e-4] and q.rates('lora') == [6e-4, 2e-3, 6e-3]
+    assert ad.LoRAParams.resolve(dict(lora_sweep=3e-3)).rates('lora') == [3e-3]
     assert ad.condition_name(p.focus()) == 'lora r16'
     assert ad.condition_name(ad.LoRAParams.resolve(dict(method='unfreeze', unfreeze_layers=2)).focus()) == 'unfreeze-2'
 
@@ -192,3 +197,29 @@ def test_small_run(tmp_path):
     files = written(tmp_path)
     for fig in ('lu_pareto', 'lu_learning_curves', 'lu_grad_coverage', 'lu_learned_vs_forgotten'):
         assert any(f.startswith(f'results/figures/{fig}') for f in files), fig
+
+
+@pytest.mark.parametrize('cond,depth', [(dict(method='frozen'), 3), (dict(method='unfreeze', unfreeze_layers=1), 2),
+                                        (dict(method='unfreeze', unfreeze_layers=3), 0), (dict(method='lora', r=2), 0)])
+def test_cached_frozen_bottom_is_the_full_forward(tiny, cond, depth):
+    "With the frozen bottom's hidden states from the pool, logits and gradients are the full pass's (padding too)."
+    text, vision = tiny
+    b = {k: v for k, v in _batch(text, vision, n=8, seed=4).items() if k != 'image'}
+    b['attention_mask'][:4, 4:] = 0                                                  # padded questions
+    model = ad.build_model(cond, text, vision, seed=1, d_model=16)
+    assert model.frozen_depth() == depth
+    model.train()
+    assert [l.training for l in model.text.encoder.layer] == [i >= depth for i in range(3)]
+    if depth == 0: return
+    cached = dict(b, **ad.frozen_hidden(text, b['input_ids'], b['attention_mask'], [depth]))
+    model.eval()
+    outs = []
+    for batch in (b, cached):
+        model.zero_grad()
+        out = model(batch)
+        out['loss'].backward()
+        outs.append([out['logits'].detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for x, y in zip(*outs): torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    loader = ad.TaskLoader(cached, range(8), 4, hidden=depth)
+    assert ad.hidden_key(depth) in next(iter(loader))
+    with pytest.raises(KeyError, match=r'pass task_pool layers=\[1\]'): ad.TaskLoader(cached, range(8), hidden=1)

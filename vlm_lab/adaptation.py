@@ -24,9 +24,9 @@ from .trainable import layer_map, set_trainable
 # %% auto #0
 __all__ = ['METHODS', 'TARGETS', 'SWAP_TEMPLATES', 'ATTRIBUTES', 'HELD_OUT', 'LoRAParams', 'method_condition', 'condition_name',
            'layer_stack', 'unfreeze_names', 'unfreeze_count', 'bert_layer_params', 'lora_targets', 'lora_count',
-           'lora_config', 'peft_count', 'on_meta', 'swap_vqa', 'TaskLoader', 'task_pool', 'seed_split', 'AdaptedVQA',
-           'add_lora', 'build_model', 'trainable_count', 'grad_coverage', 'sentence_embeddings', 'forgetting',
-           'token_f1']
+           'lora_config', 'peft_count', 'on_meta', 'swap_vqa', 'hidden_key', 'TaskLoader', 'frozen_hidden', 'task_pool',
+           'seed_split', 'AdaptedVQA', 'add_lora', 'build_model', 'trainable_count', 'grad_coverage',
+           'sentence_embeddings', 'forgetting', 'token_f1']
 
 # %% ../nbs/08_lora_vs_unfreeze.ipynb #lu000011
 METHODS = ('frozen', 'unfreeze', 'lora', 'lora_both')
@@ -37,9 +37,10 @@ class LoRAParams(Params):
     "Parameters of finding LU (08_lora_vs_unfreeze); None takes the profile's value."
     notebook: ClassVar[str] = '08_lora_vs_unfreeze'
     PROFILES: ClassVar = {
-        'quick': dict(seeds=5, epochs=3, n_samples=400, test_size=200, sweep='2e-4,6e-4,2e-3', matched=False),
-        'full': dict(seeds=10, epochs=8, n_samples=4000, test_size=1000, sweep='5e-5,1e-4,3e-4,1e-3,3e-3',
-                     matched=True)}
+        'quick': dict(seeds=5, epochs=3, n_samples=400, test_size=200, unfreeze_sweep='6e-5,2e-4,6e-4',
+                      lora_sweep='6e-4,2e-3,6e-3', matched=False),
+        'full': dict(seeds=10, epochs=8, n_samples=4000, test_size=1000, unfreeze_sweep='2e-5,5e-5,1e-4,3e-4,1e-3',
+                     lora_sweep='2e-4,5e-4,1e-3,3e-3,1e-2', matched=True)}
     method: str = param('lora', choices=METHODS)
     r: int = param(16, min=1, max=256)
     alpha: float | None = param(None, min=1e-3, max=1e4)
@@ -50,30 +51,41 @@ class LoRAParams(Params):
     epochs: int = param(None, min=1, max=100)
     n_samples: int = param(None, min=32)
     test_size: int = param(None, min=20)
-    sweep: list[str] = param(None)
+    sweep: list[str] | None = param(None)
+    unfreeze_sweep: list[str] = param(None)
+    lora_sweep: list[str] = param(None)
     matched: bool = param(None)
+
+    SWEEPS: ClassVar = ('sweep', 'unfreeze_sweep', 'lora_sweep')
 
     @classmethod
     def resolve(cls, given: Mapping | None = None, **kw) -> 'LoRAParams':
-        "`Params.resolve`; one learning rate as `sweep` (papermill passes `-p sweep 1e-3` as a float) is a list of one."
+        "`Params.resolve`; one learning rate as a sweep (papermill passes `-p sweep 1e-3` as a float) is a list of one."
         given = {**(given or {}), **kw}
-        if isinstance(given.get('sweep'), (int, float)) and not isinstance(given['sweep'], bool):
-            given['sweep'] = f"{given['sweep']:g}"
+        for name in cls.SWEEPS:
+            if isinstance(given.get(name), (int, float)) and not isinstance(given[name], bool):
+                given[name] = f"{given[name]:g}"
         return super().resolve(given)
 
     def check(self):
         if self.alpha is None: self.alpha = 2.0 * self.r         # the note's alpha = 2 r (16 for r 8, 32 for r 16)
-        try: rates = [float(s) for s in self.sweep]
-        except ValueError: raise ValueError(f"parameter sweep={','.join(self.sweep)!r} is invalid: expected learning "
-                                            f"rates separated by commas, such as '1e-4,1e-3'") from None
-        if not all(0 < x <= 1 for x in rates):
-            raise ValueError(f"parameter sweep={','.join(self.sweep)!r} is invalid: expected rates in (0, 1]")
-        self.sweep = [f"{x:g}" for x in rates]
+        for name in self.SWEEPS:
+            given = getattr(self, name)
+            if given is None: continue
+            try: rates = [float(s) for s in given]
+            except ValueError: raise ValueError(f"parameter {name}={','.join(given)!r} is invalid: expected learning "
+                                                f"rates separated by commas, such as '1e-4,1e-3'") from None
+            if not all(0 < x <= 1 for x in rates):
+                raise ValueError(f"parameter {name}={','.join(given)!r} is invalid: expected rates in (0, 1]")
+            setattr(self, name, [f"{x:g}" for x in rates])
         if self.method == 'frozen' and self.given & {'r', 'alpha', 'target', 'unfreeze_layers', 'lr'}:
             raise ValueError(f"parameters {sorted(self.given & {'r', 'alpha', 'target', 'unfreeze_layers', 'lr'})} "
                              f"configure an adapted encoder: method='frozen' trains none of it")
 
-    def rates(self) -> list[float]: return [float(s) for s in self.sweep]
+    def rates(self, family: str) -> list[float]:
+        "The text-encoder learning rates swept for `family` ('unfreeze' | 'lora'): `sweep` if set, else its own."
+        check_choice('family', family, ('unfreeze', 'lora'))
+        return [float(s) for s in (self.sweep if self.sweep is not None else getattr(self, f'{family}_sweep'))]
 
     def focus(self) -> dict:
         "The run these parameters name (the method under test), as a condition of the grid."
@@ -173,13 +185,24 @@ def swap_vqa(n: int, seed: int = 0, image_size: int = 64) -> VQADataset:
     return VQADataset(records, ANSWERS, image_size, name=f"swapvqa-n{n}-s{seed}", source='swap_vqa')
 
 # %% ../nbs/08_lora_vs_unfreeze.ipynb #lu000022
+def hidden_key(layer: int) -> str:
+    "The pool's and a batch's key of the frozen text encoder's hidden states entering layer `layer`."
+    return f"text_hidden_{check_int('layer', layer, min=0)}"
+
 class TaskLoader:
-    "Batches of the pool at `idx`: vision tokens (cached) or images, token ids and mask, answer; seeded shuffle."
+    "Batches of the pool at `idx`: vision tokens (cached) or images, token ids and mask, answer, and the frozen text"
+    "encoder's hidden states entering layer `hidden` (cached by `task_pool`) if given; seeded shuffle."
     def __init__(self, pool: Mapping[str, torch.Tensor], idx, batch_size: int = 16, *, shuffle: bool = False,
-                 seed: int = 0, images: bool = False):
+                 seed: int = 0, images: bool = False, hidden: int | None = None):
         self.pool, self.idx = pool, torch.as_tensor(idx, dtype=torch.long)
         self.batch_size, self.shuffle = check_int('batch_size', batch_size, min=1), shuffle
         self.keys = ('image' if images else 'vision', 'input_ids', 'attention_mask', 'answer')
+        if hidden is not None:
+            if hidden_key(hidden) not in pool:
+                raise KeyError(f"the pool holds no text hidden states entering layer {hidden} (it holds "
+                               f"{sorted(k for k in pool if k.startswith('text_hidden_'))}): pass task_pool "
+                               f"layers=[{hidden}]")
+            self.keys += (hidden_key(hidden),)
         self.generator = torch.Generator().manual_seed(check_int('seed', seed, min=0))   # fit reseeds it per epoch
 
     def __len__(self) -> int: return -(-len(self.idx) // self.batch_size)
@@ -190,8 +213,24 @@ class TaskLoader:
             j = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield {k: self.pool[k][j] for k in self.keys}
 
-def task_pool(dataset: VQADataset, tokenizer, vision: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    "Everything a run reads, once: images (N, 3, H, W), frozen vision tokens (N, Nv, Dv), token ids, mask, answers."
+@torch.no_grad()
+def frozen_hidden(text: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int], *,
+                  batch_size: int = 256) -> dict[str, torch.Tensor]:
+    "The hidden states (N, L, D) entering each of `layers` of the frozen `text` encoder (eval mode: no dropout)."
+    n = len(layer_stack(text)[1])
+    layers = sorted({check_int('layer', k, min=1, max=n) for k in layers})
+    was = text.training
+    text.eval()
+    try:
+        parts = [text(input_ids=input_ids[s:s + batch_size], attention_mask=attention_mask[s:s + batch_size],
+                      output_hidden_states=True).hidden_states for s in range(0, len(input_ids), batch_size)]
+    finally: text.train(was)
+    return {hidden_key(k): torch.cat([h[k] for h in parts]) for k in layers}    # hidden_states[k]: layer k's input
+
+def task_pool(dataset: VQADataset, tokenizer, vision: nn.Module | None = None, text: nn.Module | None = None,
+              layers: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+    "Everything a run reads, once: images (N, 3, H, W), frozen vision tokens (N, Nv, Dv), token ids, mask, answers,"
+    "and the frozen `text` encoder's hidden states (N, L, D) entering each of `layers` (see `frozen_hidden`)."
     images = torch.stack([dataset[i]['image'] for i in range(len(dataset))])
     tok = tokenizer([r['question'] for r in dataset.records], padding=True, return_tensors='pt')
     pool = dict(image=images, input_ids=tok['input_ids'], attention_mask=tok['attention_mask'],
@@ -199,6 +238,9 @@ def task_pool(dataset: VQADataset, tokenizer, vision: nn.Module | None = None) -
     if vision is not None:
         with torch.no_grad():
             pool['vision'] = torch.cat([vision(images[s:s + 256]) for s in range(0, len(images), 256)])
+    if layers:
+        if text is None: raise ValueError("task_pool caches text hidden states (layers=...) only with a text encoder")
+        pool.update(frozen_hidden(text, pool['input_ids'], pool['attention_mask'], layers))
     return pool
 
 def seed_split(n_pool: int, n_train: int, n_test: int, seed: int) -> dict[str, torch.Tensor]:
@@ -216,22 +258,44 @@ class AdaptedVQA(nn.Module):
         super().__init__()
         self.text, self.head, self.vision = text, head, vision
 
+    def frozen_depth(self) -> int:
+        "How many layers at the bottom of the text encoder train nothing (with all below them): 0 if its embeddings"
+        "train, the number of layers if none does."
+        name, layers = layer_stack(self.text)
+        if any(p.requires_grad for n, p in self.text.named_parameters() if not n.startswith(name + '.')): return 0
+        return next((i for i, l in enumerate(layers) if any(p.requires_grad for p in l.parameters())), len(layers))
+
     def train(self, mode: bool = True):
-        "Train mode; a wholly frozen encoder stays in eval mode (no dropout), as a frozen feature extractor."
+        "Train mode; the frozen bottom of the text encoder (all of a frozen one) and a frozen vision encoder stay in"
+        "eval mode (no dropout), as frozen feature extractors."
         super().train(mode)
-        for m in (self.text, self.vision):
-            if m is not None and not any(p.requires_grad for p in m.parameters()): m.eval()
+        if self.vision is not None and not any(p.requires_grad for p in self.vision.parameters()): self.vision.eval()
+        k = self.frozen_depth()
+        if mode and k:
+            self.text.eval()
+            for l in layer_stack(self.text)[1][k:]: l.train()
         return self
 
-    def sentence(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def sentence(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         "Mean-pooled last hidden states (B, D): all-MiniLM-L6-v2's sentence embedding (before its normalisation)."
+        "`hidden`: the frozen bottom's output (B, L, D), entering layer `frozen_depth()`; then only the layers above run."
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.text.parameters())
         with torch.set_grad_enabled(grad):
-            h = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state    # (B, L, D)
+            if hidden is None:
+                h = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state   # (B, L, D)
+            else:
+                from transformers.masking_utils import create_bidirectional_mask
+                mask = create_bidirectional_mask(config=self.text.config, inputs_embeds=hidden,
+                                                 attention_mask=attention_mask)
+                h = hidden
+                for layer in layer_stack(self.text)[1][self.frozen_depth():]: h = layer(h, mask)
         return masked_mean(h, attention_mask.bool())
 
     def forward(self, batch: Mapping) -> dict:
-        e = self.sentence(batch['input_ids'], batch['attention_mask'])                  # (B, D)
+        "`batch`: vision tokens (or images), token ids and mask, [answer], [the frozen bottom's output, `hidden_key`]."
+        e = self.sentence(batch['input_ids'], batch['attention_mask'],
+                          batch.get(hidden_key(self.frozen_depth())))                   # (B, D)
         vis = batch['vision'] if 'vision' in batch else self.vision(batch['image'])     # (B, Nv, Dv)
         return self.head({'vision': vis, 'text': e[:, None], **({'answer': batch['answer']} if 'answer' in batch
                                                                   else {})})

@@ -371,11 +371,13 @@ class Params:
 # %% ../nbs/04b_findings.ipynb #b931ce71
 @dataclass
 class Grid:
-    "The runs of an experiment grid: `runs` (one row per condition x seed) and what `keep` returned, by (name, seed)."
+    "The runs of an experiment grid: `runs` (one row per condition x seed), what `keep` returned, by (name, seed), and"
+    "the conditions' fields, by name."
     runs: pd.DataFrame
     kept: dict = field(default_factory=dict)
     wall_s: float = 0.0
     workers: int = 1
+    conditions: dict = field(default_factory=dict)
 
     def select(self, condition: str | None = None, **fields) -> pd.DataFrame:
         "The runs of condition `condition` (a name) and/or whose fields equal `fields`."
@@ -406,7 +408,14 @@ class Grid:
         clash = set(self.runs.condition) & set(other.runs.condition)
         if clash: raise ValueError(f"both grids have conditions {sorted(clash)}: name them apart")
         return Grid(pd.concat([self.runs, other.runs], ignore_index=True), {**self.kept, **other.kept},
-                    self.wall_s + other.wall_s, max(self.workers, other.workers))
+                    self.wall_s + other.wall_s, max(self.workers, other.workers), {**self.conditions, **other.conditions})
+
+    def find(self, fields: Mapping, seed: int, *, kept: bool = False) -> str | None:
+        "The name of this grid's condition with exactly `fields` that ran `seed` (and kept it, if `kept`); else None."
+        for name, f in self.conditions.items():
+            if f == dict(fields) and len(self.select(name, seed=seed)) and (not kept or (name, seed) in self.kept):
+                return name
+        return None
 
 _GRID_TASK = None   # (conditions, train, measure, keep) of the running grid, inherited by forked workers
 
@@ -431,12 +440,14 @@ def default_workers() -> int:
 
 def run_grid(conditions: Mapping[str, Mapping], seeds: Sequence[int], train: Callable[[dict, int], Any],
              measure: Callable[[Any, dict, int], Mapping], *, keep: Callable[[Any], Any] | None = None,
-             workers: int | None = None, progress: bool = True, desc: str = 'runs') -> Grid:
+             workers: int | None = None, progress: bool = True, desc: str = 'runs', reuse: Grid | None = None) -> Grid:
     """Run `train` then `measure` for every named condition x seed (in parallel processes on CPU); a tidy Grid.
 
     `conditions` maps a name to the condition's fields. `train(condition, seed)` gets the fields plus 'condition'
     (the name) and returns anything; `measure(trained, condition, seed)` returns a dict of metrics; `keep(trained)`
-    returns what the notebook gets back in `grid.kept[name, seed]` (e.g. a state dict)."""
+    returns what the notebook gets back in `grid.kept[name, seed]` (e.g. a state dict). A run that the grid `reuse`
+    already made (a condition with the same fields, at the same seed, by the same train and measure) is taken from it,
+    not rerun; column `reused_from` names its condition there ('' for a run made here)."""
     global _GRID_TASK
     if not isinstance(conditions, Mapping):
         raise TypeError("run_grid takes named conditions, e.g. {'base': dict(depth=2), 'deep': dict(depth=4)}")
@@ -444,8 +455,10 @@ def run_grid(conditions: Mapping[str, Mapping], seeds: Sequence[int], train: Cal
     if not conditions: raise ValueError("run_grid needs at least one condition")
     seeds = [check_int('seed', s, min=0) for s in seeds]
     workers = check_int('workers', workers if workers is not None else default_workers(), min=1)
-    tasks = [(c, s) for c in conditions for s in seeds]
-    workers = min(workers, len(tasks))
+    done = {} if reuse is None else {(c, s): hit for c in conditions for s in seeds
+                                     if (hit := reuse.find(conditions[c], s, kept=keep is not None)) is not None}
+    tasks = [(c, s) for c in conditions for s in seeds if (c, s) not in done]
+    workers = max(1, min(workers, len(tasks)))
     threads = torch.get_num_threads() if workers == 1 else 1
     results, t0 = [], time.perf_counter()
     _GRID_TASK = (conditions, train, measure, keep)
@@ -464,9 +477,17 @@ def run_grid(conditions: Mapping[str, Mapping], seeds: Sequence[int], train: Cal
     finally:
         bar.close()
         _GRID_TASK = None
+    kept = {(c, s): pickle.loads(k) for c, s, _, k, _, _ in results} if keep else {}
+    for (c, s), hit in done.items():                                  # the reused runs, renamed
+        row = reuse.select(hit, seed=s).iloc[0]
+        metrics = {k: row[k] for k in reuse.runs.columns
+                   if k not in {'condition', 'seed', 'train_s', 'measure_s', 'reused_from'}.union(
+                       *reuse.conditions.values())}
+        results.append((c, s, metrics, None, row['train_s'], row['measure_s']))
+        if keep: kept[c, s] = reuse.kept[hit, s]
     order = {c: i for i, c in enumerate(conditions)}
     results.sort(key=lambda r: (order[r[0]], r[1]))
-    rows = [dict(condition=c, **conditions[c], seed=s, **m, train_s=tt, measure_s=tm)
-            for c, s, m, _, tt, tm in results]
-    kept = {(c, s): pickle.loads(k) for c, s, _, k, _, _ in results} if keep else {}
-    return Grid(pd.DataFrame(rows), kept, time.perf_counter() - t0, workers)
+    from_ = {(c, s): h for (c, s), h in done.items()}
+    rows = [dict(condition=c, **conditions[c], seed=s, **m, train_s=tt, measure_s=tm,
+                 **({} if reuse is None else dict(reused_from=from_.get((c, s), '')))) for c, s, m, _, tt, tm in results]
+    return Grid(pd.DataFrame(rows), kept, time.perf_counter() - t0, workers, conditions)
