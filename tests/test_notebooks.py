@@ -133,6 +133,8 @@ def test_gradient_dilution_small_run(tmp_path, mode):
     assert rows['GD-4']['verdict'] == 'not tested' and 'learnable' in rows['GD-4']['why']   # not trained
     assert [c for c in rows if c.startswith('GD-9')] == [f'GD-9 [scale {s}]' for s in ('0.3', '1', '3', '10', '30')]
     assert 'GD-1 direction [24-block ViT, raw context]' in rows and 'GD-5 [LayerNorm on the context]' in rows
+    assert 'fixed x3 loops' in rec['metrics']['runs']['condition']          # the feedback model beside the 1-loop runs
+    assert all(rows[c]['verdict'] != 'not tested' for c in ('GD-3 feedback beats base', 'GD-7'))
     ratios = rec['metrics']['ratios']
     assert {'ratio', 'branch_stream', 'predicted'} <= set(ratios)       # every ratio beside its operating point
     if mode == 'gated':                                                # a zero gate adds nothing: ratio exactly 1

@@ -41,6 +41,7 @@ class GradientDilutionParams(Params):
     ca_weight: float = param(0.1, min=0.0, max=10.0)
     adapter_weight: float = param(0.1, min=0.0, max=1.0)
     loops: int = param(None, min=1, max=10)
+    feedback_loops: int = param(3, min=1, max=10)
     deep_layers: int = param(None, min=2, max=48)
     seeds: list[int] = param(None, count=True)
     grad_seeds: list[int] = param(None, count=True)
@@ -53,6 +54,11 @@ class GradientDilutionParams(Params):
 
     @property
     def steps_per_epoch(self) -> int: return math.ceil(round(0.8 * self.n_samples) / self.batch_size)
+
+    @property
+    def feedback(self) -> int:
+        "The loops of the feedback comparison: `loops` where every mode loops, else `feedback_loops` (1: none)."
+        return self.loops if self.loops > 1 else self.feedback_loops
 
     def check(self):
         if self.mode not in self.modes: self.modes.append(self.mode)

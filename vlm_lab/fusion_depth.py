@@ -17,7 +17,7 @@ class FusionDepthParams(Params):
     "Parameters of finding FD (05_fusion_depth); None takes the profile's value."
     notebook: ClassVar[str] = '05_fusion_depth'
     PROFILES: ClassVar = {
-        'quick': dict(seeds=8, side_seeds=5, test_size=5000, epochs=8, d_model=64, lr=5e-3, batch_size=64,
+        'quick': dict(seeds=8, side_seeds=5, test_size=3000, epochs=6, d_model=64, lr=5e-3, batch_size=64,
                       grid=False, grid_sizes='600,1500,3000', grid_depths='1,2,4', timing_repeats=12),
         'full': dict(seeds=10, side_seeds=10, test_size=10000, epochs=30, d_model=256, lr=2e-4, batch_size=16,
                      grid=True, grid_sizes='1000,3000,10000', grid_depths='1,2,4,6', timing_repeats=24)}
