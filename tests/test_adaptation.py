@@ -182,7 +182,7 @@ def test_bad_parameters_write_nothing(tmp_path, params, message):
 def test_small_run(tmp_path):
     "The smallest run: every LU claim gets a row, the exact rows hold at any scale, nothing noisy is decided."
     r = run_nb(NB, tmp_path / 'out.ipynb', tmp_path, ('method', 'unfreeze'), ('unfreeze_layers', 2), ('seeds', 2),
-               ('epochs', 1), ('n_samples', 32), ('test_size', 20), ('sweep', '1e-3'))
+               ('epochs', 1), ('n_samples', 32), ('test_size', 20), ('sweep', '1e-3'), ('matched', True))
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads(next((tmp_path / 'results' / '08_lora_vs_unfreeze').glob('*.json')).read_text())
     assert rec['params']['method'] == 'unfreeze' and rec['params']['seeds'] == [0, 1]
@@ -191,9 +191,14 @@ def test_small_run(tmp_path):
     assert all(r['verdict'] in ('inconclusive', 'not tested') for r in rec['verdicts'] if r['kind'] in NOISY)
     assert rows['LU-4']['verdict'] == 'mechanism' and 'unfreeze-2: 4 of 6 layers' in rows['LU-4']['measured']
     assert rows['LU-2']['verdict'] == 'mechanism' and rows['LU-1 unfreeze-3']['verdict'] == 'refuted'
-    assert rows['LU-3 [matched parameters]']['verdict'] == 'not tested'
-    assert set(rec['metrics']['runs']['condition']) == {'frozen', 'unfreeze-2', 'lora r8', 'lora r16', 'lora r32',
-                                                        'lora_both r16'}
+    assert rows['LU-3 [matched parameters]']['verdict'] == 'inconclusive'          # run (-p matched True), 2 seeds
+    runs = rec['metrics']['runs']
+    assert set(runs['condition']) == {'frozen', 'unfreeze-2', 'lora r8', 'lora r16', 'lora r32', 'lora_both r16',
+                                      'unfreeze-1', 'matched: lora r43 all'}
+    text, m = dict(zip(runs['condition'], runs['text_trainable'])), ad.on_meta(minilm)
+    per_rank = ad.lora_count(m, ad.lora_targets(m, 'all'), 1)                       # the matched rank: nearest count
+    assert text['unfreeze-1'] == ad.unfreeze_count(m, 1)
+    assert abs(text['matched: lora r43 all'] - text['unfreeze-1']) <= per_rank // 2
     files = written(tmp_path)
     for fig in ('lu_pareto', 'lu_learning_curves', 'lu_grad_coverage', 'lu_learned_vs_forgotten'):
         assert any(f.startswith(f'results/figures/{fig}') for f in files), fig
