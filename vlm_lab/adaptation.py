@@ -276,10 +276,11 @@ class AdaptedVQA(nn.Module):
             for l in layer_stack(self.text)[1][k:]: l.train()
         return self
 
-    def sentence(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 hidden: torch.Tensor | None = None) -> torch.Tensor:
+    def sentence(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: torch.Tensor | None = None, *,
+                 start: int | None = None) -> torch.Tensor:
         "Mean-pooled last hidden states (B, D): all-MiniLM-L6-v2's sentence embedding (before its normalisation)."
-        "`hidden`: the frozen bottom's output (B, L, D), entering layer `frozen_depth()`; then only the layers above run."
+        "`hidden`: the frozen bottom's output (B, L, D), entering layer `start` (`frozen_depth()` unless given); then"
+        "only the layers from `start` on run."
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.text.parameters())
         with torch.set_grad_enabled(grad):
             if hidden is None:
@@ -289,13 +290,14 @@ class AdaptedVQA(nn.Module):
                 mask = create_bidirectional_mask(config=self.text.config, inputs_embeds=hidden,
                                                  attention_mask=attention_mask)
                 h = hidden
-                for layer in layer_stack(self.text)[1][self.frozen_depth():]: h = layer(h, mask)
+                start = self.frozen_depth() if start is None else start
+                for layer in layer_stack(self.text)[1][start:]: h = layer(h, mask)
         return masked_mean(h, attention_mask.bool())
 
     def forward(self, batch: Mapping) -> dict:
         "`batch`: vision tokens (or images), token ids and mask, [answer], [the frozen bottom's output, `hidden_key`]."
-        e = self.sentence(batch['input_ids'], batch['attention_mask'],
-                          batch.get(hidden_key(self.frozen_depth())))                   # (B, D)
+        k = self.frozen_depth()
+        e = self.sentence(batch['input_ids'], batch['attention_mask'], batch.get(hidden_key(k)), start=k)   # (B, D)
         vis = batch['vision'] if 'vision' in batch else self.vision(batch['image'])     # (B, Nv, Dv)
         return self.head({'vision': vis, 'text': e[:, None], **({'answer': batch['answer']} if 'answer' in batch
                                                                   else {})})

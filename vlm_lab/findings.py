@@ -487,7 +487,6 @@ def run_grid(conditions: Mapping[str, Mapping], seeds: Sequence[int], train: Cal
         if keep: kept[c, s] = reuse.kept[hit, s]
     order = {c: i for i, c in enumerate(conditions)}
     results.sort(key=lambda r: (order[r[0]], r[1]))
-    from_ = {(c, s): h for (c, s), h in done.items()}
     rows = [dict(condition=c, **conditions[c], seed=s, **m, train_s=tt, measure_s=tm,
-                 **({} if reuse is None else dict(reused_from=from_.get((c, s), '')))) for c, s, m, _, tt, tm in results]
+                 **({} if reuse is None else dict(reused_from=done.get((c, s), '')))) for c, s, m, _, tt, tm in results]
     return Grid(pd.DataFrame(rows), kept, time.perf_counter() - t0, workers, conditions)
